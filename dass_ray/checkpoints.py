@@ -1,0 +1,101 @@
+"""Model weights on disk: safetensors, written atomically, checksummed.
+
+A checkpoint is ``<path>`` (safetensors, tensors only, never pickle) plus
+``<path>.sha256`` (hex digest of the file). Writing goes to a temporary file in
+the same directory and is renamed into place, so a killed process never leaves
+a half-written checkpoint under the final name. Loading verifies the digest and
+raises :class:`CheckpointError` naming the path when it does not match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or does not match its checksum."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None) -> str:
+    """Save a state dict as safetensors at ``path`` atomically; return its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    atomic_write_text(str(path) + ".sha256", digest + "\n")
+    return digest
+
+
+def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a checkpoint written by :func:`save_state`, verifying its checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    side = Path(str(path) + ".sha256")
+    if not side.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no checksum file {side.name!r} (incomplete write?)")
+    want = side.read_text().strip()
+    got = sha256_file(path)
+    if got != want:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: sha256 {got[:12]}... != recorded {want[:12]}...")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {e}") from e
+
+
+def checkpoint_id(path: str | os.PathLike) -> str:
+    """A short id of a checkpoint (its recorded sha256 prefix), for provenance columns."""
+    side = Path(str(path) + ".sha256")
+    if side.is_file():
+        return side.read_text().strip()[:16]
+    return sha256_file(path)[:16]

@@ -1,0 +1,501 @@
+"""Typed experiment configuration: one dataclass per concern, loaded from YAML.
+
+Every field is typed; :func:`from_dict` checks unknown keys and types, each
+dataclass's ``__post_init__`` checks ranges, so a bad value fails before any
+work starts with a message naming the key, the value and what is allowed.
+
+Configs are plain data: no ``**cfg`` dicts are read by key elsewhere, code
+receives these objects.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is not allowed. The message names all three."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config key '{key}': got {value!r}; allowed: {allowed}")
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        _fail(key, value, allowed)
+
+
+def _finite(key: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value), key, value, "a finite number")
+
+
+# --------------------------------------------------------------------------- sections
+
+DIGITS_CLASSES = 11
+
+Arrangement = Literal["alternate", "lcg_then_gsg", "gsg_then_lcg", "random", "lcg_only", "gsg_only", "none"]
+Method = Literal["ptl", "zodi", "source_only", "oracle"]
+SegArch = Literal[
+    "small_cnn",
+    "deeplabv2_r101",
+    "fcn8s_vgg16",
+    "segformer_b0",
+    "deeplabv3plus_r50",
+    "deeplabv3plus_r101",
+]
+Protocol = Literal["digits", "cityscapes19", "synthia16", "synthia13"]
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives (DESIGN.md section 5 layout) and how samples are prepared.
+
+    ``root/<domain>/<split>/{images,labels}/<id>.png``. With ``dataset: digits`` the
+    benchmark is built under ``root`` when absent (relative roots resolve against
+    the working directory).
+    """
+
+    dataset: Literal["digits", "folder"] = "digits"
+    root: str = "data/digits"
+    source_domain: str = "source"
+    source_split: str = "train"
+    target_domain: str = "target"
+    target_train_split: str = "train"
+    target_val_split: str = "val"
+    protocol: Protocol = "digits"
+    num_classes: int = DIGITS_CLASSES
+    image_size: Optional[list[int]] = None  # [H, W] resize (nearest for labels); None keeps size
+    crop_size: Optional[list[int]] = None  # [H, W] random crop during training
+    flip: bool = False  # random horizontal flip during training
+    skip_bad: bool = False  # skip (and count) unreadable / inconsistent samples instead of failing
+    max_samples: Optional[int] = None  # cap per split (toy runs); None = all
+    seed: int = 0  # seed for building `digits`
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.num_classes <= 255, "data.num_classes", self.num_classes, "<= 255 (255 is the ignore label)")
+        for name in ("image_size", "crop_size"):
+            v = getattr(self, name)
+            if v is not None:
+                _check(len(v) == 2 and all(x > 0 for x in v), f"data.{name}", v, "[height, width] of positive integers")
+        if self.max_samples is not None:
+            _check(self.max_samples > 0, "data.max_samples", self.max_samples, "a positive integer or null")
+        for name in ("source_domain", "target_domain", "source_split", "target_train_split", "target_val_split"):
+            v = getattr(self, name)
+            _check(bool(v) and "/" not in v and v not in (".", ".."), f"data.{name}", v, "a non-empty directory name")
+
+
+@dataclass
+class DiffusionConfig:
+    """The target DDPM (paper Sec. 3, 5.1): schedule, UNet2DModel shape, training.
+
+    Schedule: linear beta from ``beta_start`` to ``beta_end`` over ``num_train_timesteps``.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    image_size: int = 32
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention: bool = False  # attention blocks at the lowest resolution
+    train_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 50
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    log_every: int = 50
+    weights: Optional[str] = None  # a local directory with a trained UNet; skips training
+    cache_dir: Optional[str] = "runs/_cache/ddpm"  # shared across runs, keyed by (data, DDPM config) hash
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.num_train_timesteps <= 10000, "diffusion.num_train_timesteps", self.num_train_timesteps, "2..10000")
+        _finite("diffusion.beta_start", self.beta_start)
+        _finite("diffusion.beta_end", self.beta_end)
+        _check(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end",
+               (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
+        _check(self.image_size >= 8, "diffusion.image_size", self.image_size, "an integer >= 8")
+        _check(len(self.block_out_channels) >= 1 and all(c > 0 for c in self.block_out_channels),
+               "diffusion.block_out_channels", self.block_out_channels, "a non-empty list of positive integers")
+        _check(self.image_size % (2 ** (len(self.block_out_channels) - 1)) == 0, "diffusion.image_size",
+               self.image_size, f"divisible by 2**(len(block_out_channels)-1) = {2 ** (len(self.block_out_channels) - 1)}")
+        _check(self.layers_per_block >= 1, "diffusion.layers_per_block", self.layers_per_block, "an integer >= 1")
+        _check(self.train_steps >= 0, "diffusion.train_steps", self.train_steps, "an integer >= 0")
+        _check(self.batch_size >= 1, "diffusion.batch_size", self.batch_size, "an integer >= 1")
+        _finite("diffusion.lr", self.lr)
+        _check(self.lr > 0, "diffusion.lr", self.lr, "a positive number")
+        _check(self.warmup_steps >= 0, "diffusion.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, "diffusion.ema_decay", self.ema_decay, "0 <= ema_decay < 1")
+        _check(self.checkpoint_every >= 1, "diffusion.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _check(self.log_every >= 1, "diffusion.log_every", self.log_every, "an integer >= 1")
+
+
+@dataclass
+class GuidanceConfig:
+    """Semantic Gradient Guidance (Sec. 4.2, Eq. 7-10, sign corrected: DESIGN.md section 3).
+
+    ``scale`` is lambda in mu_hat = mu - lambda * beta_k * grad_{x_k} L. The loss
+    ``L`` is the cross-entropy averaged over the counted pixels of each image
+    and summed over the images of the batch (LCG: over the pixels of each class
+    mask, summed over classes), so lambda does not depend on batch size or
+    image size.
+    """
+
+    scale: float = 1000.0
+    arrangement: Arrangement = "alternate"
+    seed: int = 0  # for the `random` arrangement
+
+    def __post_init__(self) -> None:
+        _finite("guidance.scale", self.scale)
+        _check(self.scale >= 0, "guidance.scale", self.scale, "a finite number >= 0")
+
+
+@dataclass
+class SegmenterConfig:
+    """The segmentation model g and its source training (Sec. 5.1, App. C)."""
+
+    arch: SegArch = "small_cnn"
+    width: int = 32  # channels of `small_cnn`
+    pretrained: Optional[str] = None  # local path to ImageNet backbone weights (never downloaded)
+    source_iters: int = 600
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True  # App. C: noisy + class-masked copies on `augment_fraction` of samples
+    augment_fraction: float = 0.1
+    augment_max_n: Optional[int] = None  # largest n for the noisy copies; None = ptl.N
+    similarity_weight: float = 0.0  # ZoDi Eq. 8 lambda (1 - cos) between source and translated features
+    eval_batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 4, "segmenter.width", self.width, "an integer >= 4")
+        _check(self.source_iters >= 0, "segmenter.source_iters", self.source_iters, "an integer >= 0")
+        _check(self.batch_size >= 1, "segmenter.batch_size", self.batch_size, "an integer >= 1")
+        for k in ("lr", "momentum", "weight_decay", "similarity_weight", "augment_fraction"):
+            _finite(f"segmenter.{k}", getattr(self, k))
+        _check(self.lr > 0, "segmenter.lr", self.lr, "a positive number")
+        _check(0 <= self.momentum < 1, "segmenter.momentum", self.momentum, "0 <= momentum < 1")
+        _check(self.weight_decay >= 0, "segmenter.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.augment_fraction <= 1, "segmenter.augment_fraction", self.augment_fraction, "0..1")
+        _check(self.similarity_weight >= 0, "segmenter.similarity_weight", self.similarity_weight, ">= 0")
+        _check(self.eval_batch_size >= 1, "segmenter.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        if self.augment_max_n is not None:
+            _check(self.augment_max_n >= 1, "segmenter.augment_max_n", self.augment_max_n, "an integer >= 1 or null")
+
+
+@dataclass
+class PTLConfig:
+    """Progressive Translation Learning (Sec. 4.3, Eq. 11, 12).
+
+    Levels n = stride, 2*stride, ..., N. Each level translates
+    ``iters_per_level * batch_size`` source images with phi^n + SGG(g_{n-1})
+    and fine-tunes g on them.
+    """
+
+    N: int = 600
+    stride: int = 1
+    iters_per_level: int = 300
+    batch_size: int = 2
+    lr: float = 2.5e-4
+    momentum: float = 0.9
+    l_src: bool = True  # Eq. 12 second term; False = "L_ada only" (Tab. 3)
+    eval_every: int = 1  # evaluate target-val mIoU every k-th level (and always at the last)
+    translate_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.N >= 1, "ptl.N", self.N, "an integer >= 1")
+        _check(self.stride >= 1, "ptl.stride", self.stride, "an integer >= 1")
+        _check(self.stride <= self.N, "ptl.stride", self.stride, f"1..ptl.N ({self.N})")
+        _check(self.iters_per_level >= 1, "ptl.iters_per_level", self.iters_per_level, "an integer >= 1")
+        _check(self.batch_size >= 1, "ptl.batch_size", self.batch_size, "an integer >= 1")
+        _finite("ptl.lr", self.lr)
+        _check(self.lr > 0, "ptl.lr", self.lr, "a positive number")
+        _check(0 <= self.momentum < 1, "ptl.momentum", self.momentum, "0 <= momentum < 1")
+        _check(self.eval_every >= 1, "ptl.eval_every", self.eval_every, "an integer >= 1")
+        _check(self.translate_batch_size >= 1, "ptl.translate_batch_size", self.translate_batch_size, "an integer >= 1")
+
+    def levels(self) -> list[int]:
+        """n = s, 2s, ..., and always N last (when N is not a multiple of s)."""
+        out = list(range(self.stride, self.N + 1, self.stride))
+        if out[-1] != self.N:
+            out.append(self.N)
+        return out
+
+
+@dataclass
+class ZodiConfig:
+    """ZoDi transfer (Azuma et al., Eq. 4-8; DESIGN.md section 4).
+
+    Weights come only from local directories. ``mode`` selects the ablations:
+    ``zodi`` (ControlNet + stochastic inversion), ``no_si`` (random noise),
+    ``sdedit`` (no ControlNet, no SI), ``inst`` (no ControlNet, with SI).
+    """
+
+    base_model: Optional[str] = None  # local diffusers directory of SD 1.5 (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    controlnet: Optional[str] = None  # local directory of the segmentation ControlNet
+    domain: str = "night"
+    prompt: Optional[str] = None  # default "driving <domain>, best quality"
+    negative_prompt: str = "lower quality, worst quality"
+    strength: Optional[float] = None  # default per domain (App. A)
+    steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 9.0
+    mode: Literal["zodi", "no_si", "sdedit", "inst"] = "zodi"
+    resolution: Optional[list[int]] = None  # [H, W] generation size; None = input size
+    batch_size: int = 4
+    tiny_random: bool = False  # build tiny random components (tests / smoke runs only)
+    class_palette: Optional[str] = None  # YAML/JSON file: class id -> ADE20K colour [r, g, b]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strength is not None:
+            _finite("zodi.strength", self.strength)
+            _check(0 < self.strength <= 1, "zodi.strength", self.strength, "0 < strength <= 1")
+        _check(self.steps >= 1, "zodi.steps", self.steps, "an integer >= 1")
+        _finite("zodi.eta", self.eta)
+        _check(0 <= self.eta <= 1, "zodi.eta", self.eta, "0..1")
+        _finite("zodi.guidance_scale", self.guidance_scale)
+        _check(self.guidance_scale >= 1, "zodi.guidance_scale", self.guidance_scale, ">= 1")
+        _check(self.batch_size >= 1, "zodi.batch_size", self.batch_size, "an integer >= 1")
+        if self.resolution is not None:
+            _check(len(self.resolution) == 2 and all(r % 8 == 0 and r > 0 for r in self.resolution),
+                   "zodi.resolution", self.resolution, "[height, width], positive multiples of 8")
+
+
+@dataclass
+class RayConfig:
+    """Where and with what resources the stages run.
+
+    ``address``: None starts a local Ray in-process (or uses ``RAY_ADDRESS``).
+    Fractional CPUs let actors and train workers share a 2-core machine.
+    """
+
+    address: Optional[str] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the task was given a GPU
+    num_workers: int = 1  # Ray Train workers (DDP)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    num_actors: int = 1  # translation actor pool size
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    threads_per_actor: int = 1  # torch.set_num_threads in each actor
+    object_store_mb: Optional[int] = 512  # local Ray only
+    num_cpus: Optional[int] = None  # local Ray only; None = all cores
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "ray.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.num_actors >= 1, "ray.num_actors", self.num_actors, "an integer >= 1")
+        _check(self.threads_per_actor >= 1, "ray.threads_per_actor", self.threads_per_actor, "an integer >= 1")
+        for k in ("cpus_per_worker", "gpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
+            v = getattr(self, k)
+            _finite(f"ray.{k}", v)
+            _check(v >= 0, f"ray.{k}", v, "a number >= 0")
+        if self.object_store_mb is not None:
+            _check(self.object_store_mb >= 64, "ray.object_store_mb", self.object_store_mb, ">= 64 or null")
+        if self.device == "cuda":
+            _check(self.gpus_per_worker > 0 or self.gpus_per_actor > 0, "ray.device", self.device,
+                   "'cuda' only with gpus_per_worker or gpus_per_actor > 0")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: default a sqlite store inside the run directory.
+
+    ``uri`` (or ``MLFLOW_TRACKING_URI``) selects a server.
+    """
+
+    enabled: bool = True
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # default: the config's name
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run: what to do (``method``) and one section per concern."""
+
+    name: str = "experiment"
+    method: Method = "ptl"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    ptl: PTLConfig = field(default_factory=PTLConfig)
+    zodi: ZodiConfig = field(default_factory=ZodiConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name", self.name,
+               "a non-empty name of letters, digits, '-', '_', '.'")
+        if self.diffusion.weights is None:
+            _check(self.ptl.N <= self.diffusion.num_train_timesteps, "ptl.N", self.ptl.N,
+                   f"1..diffusion.num_train_timesteps ({self.diffusion.num_train_timesteps})")
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, *sections: str) -> str:
+        """A short stable hash of the whole config, or of the named sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp) and not isinstance(value, bool):
+            return value
+        _fail(key, value, _type_name(tp))
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                continue
+        _fail(key, value, _type_name(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, _type_name(tp))
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(key, value, f"a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(key, value, "true/false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        _fail(key, value, "a string")
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, failing on unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"config key '{prefix}{k}': unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A ``--set`` value is YAML: ``3``, ``1e3``, ``true``, ``null``, ``[8, 16]``, ``name``."""
+    v = yaml.safe_load(text)
+    # YAML 1.1 reads "1e3" as a string; numbers written that way are meant as numbers.
+    if isinstance(v, str):
+        try:
+            return float(v) if any(c in v for c in ".eE") else int(v)
+        except ValueError:
+            return v
+    return v
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a raw config dict (validated afterwards)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def set_path(cfg: ExperimentConfig, path: str, value: Any) -> ExperimentConfig:
+    """A validated copy of ``cfg`` with ``path`` (``section.key``) set to ``value``."""
+    d = cfg.to_dict()
+    parts = path.split(".")
+    node = d
+    for p in parts[:-1]:
+        if p not in node or not isinstance(node[p], dict):
+            raise ConfigError(f"config key '{path}': unknown section '{p}'")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"config key '{path}': unknown key")
+    node[parts[-1]] = value
+    return from_dict(ExperimentConfig, d)
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Load ``path`` (YAML, ``yaml.safe_load``), apply ``--set`` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at top level, got {type(data).__name__}")
+    data.setdefault("name", p.stem)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(ExperimentConfig, data)
