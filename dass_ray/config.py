@@ -151,8 +151,11 @@ class GuidanceConfig:
     ``scale`` is lambda in mu_hat = mu - lambda * beta_k * grad_{x_k} L. The loss
     ``L`` is the cross-entropy averaged over the counted pixels of each image
     and summed over the images of the batch (LCG: over the pixels of each class
-    mask, summed over classes), so lambda does not depend on batch size or
-    image size.
+    mask, summed over classes), so lambda does not depend on the batch size and
+    the loss value does not grow with the image size. The per-pixel gradient
+    carries 1 / (counted pixels), so at the same lambda larger images (or class
+    regions) get a smaller push per pixel: re-tune lambda when the image size
+    changes (see ``guidance/sgg.py``).
     """
 
     scale: float = 1000.0
@@ -290,6 +293,7 @@ class RayConfig:
     num_workers: int = 1  # Ray Train workers (DDP)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    threads_per_worker: Optional[int] = None  # torch threads per train worker; None = max(1, int(cpus_per_worker))
     num_actors: int = 1  # translation actor pool size
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -297,9 +301,14 @@ class RayConfig:
     object_store_mb: Optional[int] = 512  # local Ray only
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
 
+    def worker_threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "ray.num_workers", self.num_workers, "an integer >= 1")
         _check(self.num_actors >= 1, "ray.num_actors", self.num_actors, "an integer >= 1")
+        if self.threads_per_worker is not None:
+            _check(self.threads_per_worker >= 1, "ray.threads_per_worker", self.threads_per_worker, "an integer >= 1 or null")
         _check(self.threads_per_actor >= 1, "ray.threads_per_actor", self.threads_per_actor, "an integer >= 1")
         for k in ("cpus_per_worker", "gpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
             v = getattr(self, k)

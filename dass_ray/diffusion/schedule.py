@@ -1,0 +1,139 @@
+"""The DDPM schedule and the (guided) reverse step (paper Sec. 3, Eq. 2-5, 7).
+
+Timestep convention
+-------------------
+Every function here takes the **paper's k, in 1..T** (``q_sample`` also accepts
+k = 0, meaning "no noise": alphabar_0 = 1). Arrays are indexed ``betas[k - 1]``,
+``alphas_cumprod[k - 1]``. Diffusers numbers the same steps 0..T-1, so the UNet
+sees ``t = k - 1`` (:class:`EpsModel` does the shift; nothing else should).
+
+Betas and alphabar come from ``diffusers.DDPMScheduler`` (linear schedule), not
+re-derived; its ``.step`` is not used because the guided step needs
+Sigma = beta_k I (Sec. 5.1) and a hook on the mean (Eq. 7).
+
+Shapes: images ``x`` are ``float [B, C, H, W]`` (diffusion space, [-1, 1] for
+data); ``k`` is an ``int`` or a ``LongTensor [B]``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from diffusers import DDPMScheduler
+
+from dass_ray.config import DiffusionConfig
+
+Steps = Union[int, torch.Tensor]
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_k [B,C,H,W], k LongTensor [B]) -> eps
+CondFn = Callable[[torch.Tensor, Steps], torch.Tensor]  # (x_k, k) -> grad_{x_k} L, same shape as x_k
+
+
+class EpsModel:
+    """eps_theta(x_k, k) from a ``diffusers.UNet2DModel``: ``unet(x_k, k - 1).sample``.
+
+    Evaluated under ``torch.no_grad``: guidance differentiates the segmenter
+    only, never the UNet (as in Dhariwal & Nichol). ``k`` is the paper's step.
+    """
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+
+    def __call__(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.unet(x, (k - 1).to(x.device)).sample
+
+
+class DDPMSchedule:
+    """Linear-beta DDPM schedule of a :class:`DiffusionConfig` (T = num_train_timesteps)."""
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                              beta_end=cfg.beta_end, beta_schedule="linear")
+        self.T = cfg.num_train_timesteps
+        # float64 copies of diffusers' float32 arrays: sqrt/divisions done in double, cast on use.
+        self.betas = sched.betas.double()  # [T], betas[k-1] = beta_k
+        self.alphas = 1.0 - self.betas  # [T], alpha_k
+        self.alphas_cumprod = sched.alphas_cumprod.double()  # [T], alphabar_k
+
+    def to(self, device: str | torch.device) -> "DDPMSchedule":
+        """Keep the (float64) schedule arrays on ``device``; returns self."""
+        self.betas, self.alphas, self.alphas_cumprod = (
+            a.to(device) for a in (self.betas, self.alphas, self.alphas_cumprod))
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def _k(self, k: Steps, batch: int, allow_zero: bool = False) -> torch.Tensor:
+        """``k`` as a CPU LongTensor [B], checked to lie in 1..T (0..T with ``allow_zero``)."""
+        kt = torch.as_tensor(k, dtype=torch.long).detach().to("cpu")
+        if kt.ndim == 0:
+            kt = kt.expand(batch)
+        if kt.shape != (batch,):
+            raise ValueError(f"k must be an int or a LongTensor [{batch}], got shape {tuple(kt.shape)}")
+        lo = 0 if allow_zero else 1
+        if bool((kt < lo).any()) or bool((kt > self.T).any()):
+            raise ValueError(f"k must lie in {lo}..{self.T} (paper convention), got {kt.tolist()}")
+        return kt
+
+    @staticmethod
+    def _take(arr: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``arr[idx]`` as ``[B, 1, 1, 1]`` in ``like``'s dtype and device."""
+        return arr[idx.to(arr.device)].to(dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+
+    # ------------------------------------------------------------------ Eq. 2
+    def q_sample(self, x0: torch.Tensor, k: Steps, noise: torch.Tensor) -> torch.Tensor:
+        """Eq. 2: x_k = sqrt(alphabar_k) x_0 + sqrt(1 - alphabar_k) noise. k = 0 returns x_0."""
+        kt = self._k(k, x0.shape[0], allow_zero=True)
+        abar = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])  # abar[0] = 1
+        a = self._take(abar.sqrt(), kt, x0)
+        s = self._take((1.0 - abar).sqrt(), kt, x0)
+        return a * x0 + s * noise
+
+    # ------------------------------------------------------------------ Eq. 4
+    def p_mean_variance(self, eps: torch.Tensor, x_k: torch.Tensor, k: Steps) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 4: mu = (x_k - beta_k / sqrt(1 - alphabar_k) eps) / sqrt(alpha_k); var = beta_k.
+
+        Returns ``mean [B, C, H, W]`` and ``var [B, 1, 1, 1]`` (Sigma = beta_k I, Sec. 5.1).
+        """
+        idx = self._k(k, x_k.shape[0]) - 1
+        beta = self._take(self.betas, idx, x_k)
+        coef = self._take(self.betas / (1.0 - self.alphas_cumprod).sqrt(), idx, x_k)
+        inv_sqrt_alpha = self._take(self.alphas.rsqrt(), idx, x_k)
+        return inv_sqrt_alpha * (x_k - coef * eps), beta
+
+    def p_sample(self, mean: torch.Tensor, var: torch.Tensor, k: Steps, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """x_{k-1} = mean + sqrt(var) noise, with no noise where k = 1 (``noise`` may be None then)."""
+        kt = self._k(k, mean.shape[0])
+        if noise is None:
+            if bool((kt > 1).any()):
+                raise ValueError("noise is required for steps k > 1")
+            return mean
+        keep = (kt > 1).to(dtype=mean.dtype, device=mean.device).view(-1, *([1] * (mean.ndim - 1)))
+        return mean + keep * var.sqrt() * noise
+
+    # ------------------------------------------------------------------ Eq. 7
+    def guided_reverse_step(self, eps_model: EpsFn, x_k: torch.Tensor, k: Steps, noise: Optional[torch.Tensor],
+                            cond_fn: Optional[CondFn] = None, scale: float = 0.0,
+                            guide_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One reverse step x_k -> x_{k-1}, optionally guided (Eq. 4, 7, 8).
+
+        ``mu_hat = mu - scale * beta_k * cond_fn(x_k, k)``: with ``cond_fn`` the gradient of
+        a loss, this *lowers* the loss (the paper's Eq. 7 writes ``+``; DESIGN.md sec. 3).
+        ``x_{k-1} = mu_hat + sqrt(beta_k) noise`` (no noise at k = 1).
+
+        ``guide_mask`` (bool, broadcastable to x, e.g. ``[B, 1, H, W]``): where False the
+        unguided sample ``mu + sqrt(beta_k) noise`` (same noise) is taken instead.
+        ``cond_fn`` is not called when it is None or ``scale == 0``. Returns a detached tensor.
+        """
+        B = x_k.shape[0]
+        kt = self._k(k, B)
+        x_k = x_k.detach()
+        eps = eps_model(x_k, kt.to(x_k.device))
+        mean, var = self.p_mean_variance(eps, x_k, kt)
+        unguided = self.p_sample(mean, var, kt, noise)
+        if cond_fn is None or scale == 0:
+            return unguided.detach()
+        grad = cond_fn(x_k, k)
+        guided = self.p_sample(mean - scale * var * grad, var, kt, noise)
+        if guide_mask is not None:
+            guided = torch.where(guide_mask.to(guided.device), guided, unguided)
+        return guided.detach()

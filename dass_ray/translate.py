@@ -1,0 +1,100 @@
+"""``translate_level``: the baseline translation phi^n (Sec. 4.1) under SGG (Sec. 4.2).
+
+x_n = q_sample(x_0, n, eps) (Eq. 2), then n reverse steps k = n..1 with the
+module of :func:`module_sequence` at each step (LCG / GSG / unguided). The noise of
+sample ``id`` at level ``n`` (the forward eps, then z_k for k = n..2) comes from
+its own ``torch.Generator`` seeded by :func:`noise_seed` ``(seed, n, id)``, so a
+sample's output does not depend on its batch or on which worker translated it.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dass_ray.config import GuidanceConfig
+from dass_ray.diffusion.schedule import DDPMSchedule, EpsModel
+from dass_ray.guidance.sgg import check_labels, gsg_step, lcg_step, module_sequence
+
+
+class TranslationError(RuntimeError):
+    """The translation produced non-finite images; the message names the level and ids."""
+
+
+def noise_seed(seed: int, n: int, sample_id) -> int:
+    """A stable 63-bit generator seed from ``(seed, n, id)`` (sha256; not Python's salted ``hash``)."""
+    blob = f"{seed}|{n}|{sample_id}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def _noise(gens: list[torch.Generator], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """One standard-normal ``shape`` draw per generator, stacked: ``[B, *shape]`` on ``like``'s device."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=like.dtype) for g in gens]).to(like.device)
+
+
+def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmenter: Optional[torch.nn.Module],
+                    unet: Callable, schedule: DDPMSchedule, guidance: GuidanceConfig, num_classes: int,
+                    ids: Sequence, seed: int) -> torch.Tensor:
+    """phi^n + SGG: translate ``images [B, 3, H, W]`` (in [-1, 1]) guided by ``labels int64 [B, H, W]``.
+
+    ``unet`` is a ``UNet2DModel`` (wrapped in :class:`EpsModel`) or already an
+    ``eps_model(x, k)`` callable taking the paper's k. ``segmenter`` may be None when
+    ``guidance.scale == 0`` or the arrangement is ``none``: then the result is
+    phi^n exactly and no segmenter work is done. During translation the segmenter
+    is in eval mode with ``requires_grad`` off on its parameters (both restored after).
+    ``n = 0`` returns a copy of the input. Returns ``[B, 3, H, W]`` clamped to [-1, 1].
+    """
+    B = images.shape[0]
+    if images.ndim != 4 or labels.shape != (B, *images.shape[-2:]):
+        raise ValueError(f"expected images [B, 3, H, W] and labels [B, H, W], got {tuple(images.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if len(ids) != B:
+        raise ValueError(f"got {len(ids)} ids for a batch of {B} images")
+    if not 0 <= n <= schedule.T:
+        raise ValueError(f"level n must lie in 0..{schedule.T}, got {n}")
+    if n == 0:
+        return images.clone()
+    guided = guidance.scale > 0 and guidance.arrangement != "none"
+    modules = module_sequence(n, guidance.arrangement, guidance.seed) if guided else ["none"] * n
+    if guided:
+        if segmenter is None:
+            raise ValueError(f"guidance (scale {guidance.scale}, arrangement {guidance.arrangement!r}) needs a segmenter")
+        check_labels(labels, num_classes)
+    eps_model = EpsModel(unet) if isinstance(unet, torch.nn.Module) else unet
+    module_of_unet = unet if isinstance(unet, torch.nn.Module) else None
+
+    gens = [torch.Generator().manual_seed(noise_seed(seed, n, i)) for i in ids]
+    restore = []
+    if guided:
+        restore = [(p, p.requires_grad) for p in segmenter.parameters()]
+        seg_training = segmenter.training
+        segmenter.eval()
+        for p, _ in restore:
+            p.requires_grad_(False)
+    unet_training = module_of_unet.training if module_of_unet is not None else False
+    if module_of_unet is not None:
+        module_of_unet.eval()
+    try:
+        with torch.no_grad():
+            x = schedule.q_sample(images, n, _noise(gens, images.shape[1:], images))
+        for step, k in enumerate(range(n, 0, -1)):
+            z = _noise(gens, images.shape[1:], images) if k > 1 else None
+            module = modules[step]
+            if module == "none":
+                x = schedule.guided_reverse_step(eps_model, x, k, z)
+            else:
+                fn = lcg_step if module == "lcg" else gsg_step
+                x = fn(eps_model, schedule, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n, ids=ids)
+    finally:
+        if guided:
+            for p, req in restore:
+                p.requires_grad_(req)
+            segmenter.train(seg_training)
+        if module_of_unet is not None:
+            module_of_unet.train(unet_training)
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = [ids[i] for i in (~finite).nonzero().flatten().tolist()]
+        raise TranslationError(f"translation at level n={n} produced non-finite images for ids {bad}")
+    return x.clamp(-1.0, 1.0)

@@ -1,0 +1,161 @@
+"""Configs: every file in experiments/ and tune_spaces/ loads; bad values fail naming key, value, allowed."""
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dass_ray.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, set_path
+from dass_ray.tune_space import load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+
+
+def test_there_are_experiments_and_spaces():
+    names = {p.name for p in EXPERIMENTS}
+    assert {"digits_ptl.yaml", "digits_smoke.yaml"} <= names
+    assert len(SPACES) >= 1
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem or cfg.name
+    assert cfg.ptl.levels()[-1] == cfg.ptl.N
+    # round trip: the resolved config is a valid config
+    again = from_dict(ExperimentConfig, yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_tune_space_loads(path):
+    space = load_space(path)
+    assert space.params
+    assert space.mode in ("max", "min")
+
+
+def _msg(excinfo) -> str:
+    return str(excinfo.value)
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"ptl": {"NN": 3}})
+    assert "ptl.NN" in _msg(e) and "unknown" in _msg(e) and "stride" in _msg(e)
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"ptll": {}})
+    assert "ptll" in _msg(e)
+
+
+@pytest.mark.parametrize(
+    "data,key,allowed",
+    [
+        ({"ptl": {"N": "ten"}}, "ptl.N", "an integer"),
+        ({"ptl": {"N": 2.5}}, "ptl.N", "an integer"),
+        ({"guidance": {"scale": "big"}}, "guidance.scale", "a number"),
+        ({"guidance": {"arrangement": "zigzag"}}, "guidance.arrangement", "alternate"),
+        ({"ptl": {"l_src": "yes"}}, "ptl.l_src", "true/false"),
+        ({"diffusion": {"block_out_channels": 32}}, "diffusion.block_out_channels", "a list"),
+        ({"ptl": 5}, "ptl", "a mapping"),
+    ],
+)
+def test_wrong_type(data, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, data)
+    assert f"'{key}'" in _msg(e) and allowed in _msg(e)
+
+
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"ptl": {"N": -5}}, "ptl.N"),
+        ({"ptl": {"N": 10, "stride": 20}}, "ptl.stride"),
+        ({"guidance": {"scale": float("nan")}}, "guidance.scale"),
+        ({"guidance": {"scale": -1.0}}, "guidance.scale"),
+        ({"ptl": {"N": 1200}}, "ptl.N"),
+        ({"segmenter": {"augment_fraction": 1.5}}, "segmenter.augment_fraction"),
+        ({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}, "diffusion.beta_start/beta_end"),
+        ({"diffusion": {"image_size": 30, "block_out_channels": [8, 16, 16]}}, "diffusion.image_size"),
+        ({"ray": {"cpus_per_actor": -1}}, "ray.cpus_per_actor"),
+        ({"zodi": {"strength": 1.5}}, "zodi.strength"),
+        ({"name": "bad name!"}, "name"),
+    ],
+)
+def test_out_of_range(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, data)
+    assert f"'{key}'" in _msg(e) and "allowed" in _msg(e)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("name: x\nptl: {N: 100, stride: 10}\n")
+    cfg = load_config(p, ["ptl.N=200", "guidance.scale=1e3", "guidance.arrangement=random",
+                          "diffusion.block_out_channels=[8, 16]", "diffusion.weights=null"])
+    assert cfg.ptl.N == 200 and cfg.guidance.scale == 1000.0 and cfg.guidance.arrangement == "random"
+    assert cfg.diffusion.block_out_channels == [8, 16] and cfg.diffusion.weights is None
+    with pytest.raises(ConfigError, match="ptl.stride"):
+        load_config(p, ["ptl.stride=500"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(p, ["ptl.N"])
+    with pytest.raises(ConfigError, match="ptl.bogus"):
+        load_config(p, ["ptl.bogus=1"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(yaml.YAMLError):
+        load_config(p)
+
+
+def test_levels_with_stride():
+    cfg = from_dict(ExperimentConfig, {"ptl": {"N": 10, "stride": 4}})
+    assert cfg.ptl.levels() == [4, 8, 10]
+    cfg = from_dict(ExperimentConfig, {"ptl": {"N": 3, "stride": 1}})
+    assert cfg.ptl.levels() == [1, 2, 3]
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = ExperimentConfig(), ExperimentConfig()
+    assert a.hash() == b.hash()
+    assert set_path(a, "guidance.scale", 5.0).hash() != a.hash()
+    assert a.hash("diffusion") == set_path(a, "guidance.scale", 5.0).hash("diffusion")
+
+
+def test_apply_overrides_does_not_mutate():
+    d = {"ptl": {"N": 5}}
+    apply_overrides(d, ["ptl.N=6"])
+    assert d == {"ptl": {"N": 5}}
+
+
+def test_tune_space_errors_name_the_key():
+    base = {"params": {"ptl.N": {"choice": [100, 200]}}}
+    assert parse_space(base).params[0].values == [100, 200]
+    with pytest.raises(ConfigError, match="params.ptl.N"):
+        parse_space({"params": {"ptl.N": {"choice": [100, -1]}}})
+    with pytest.raises(ConfigError, match="params.ptl.nope"):
+        parse_space({"params": {"ptl.nope": {"choice": [1]}}})
+    with pytest.raises(ConfigError, match="loguniform"):
+        parse_space({"params": {"guidance.scale": {"loguniform": [0, 10]}}})
+    with pytest.raises(ConfigError, match="objective.mode"):
+        parse_space({**base, "objective": {"metric": "x", "mode": "up"}})
+    with pytest.raises(ConfigError, match="'bogus'"):
+        parse_space({**base, "bogus": 1})
+    with pytest.raises(ConfigError, match="guidance.arrangement"):
+        parse_space({"params": {"guidance.arrangement": {"choice": ["alternate", "zigzag"]}}})
+    assert not math.isnan(parse_space({"params": {"guidance.scale": {"uniform": [1.0, 2.0]}}}).params[0].values[0])

@@ -1,0 +1,193 @@
+"""DDPM schedule (Eq. 2, 4, 7 step), k convention, and the UNet helpers (build, EMA, save/load, Eq. 5)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dass_ray.checkpoints import CheckpointError
+from dass_ray.diffusion.schedule import DDPMSchedule, EpsModel
+from dass_ray.diffusion.unet import EMA, build_unet, ddpm_loss, load_unet, load_unet_dir, save_unet
+
+from _tiny import tiny_diffusion_config, tiny_unet
+
+T = 20
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return DDPMSchedule(tiny_diffusion_config(num_train_timesteps=T))
+
+
+def _hand(k: int, cfg=None):
+    """beta_k, alpha_k, alphabar_k by hand from the linear schedule (paper's k, 1-based)."""
+    cfg = cfg or tiny_diffusion_config(num_train_timesteps=T)
+    betas = [cfg.beta_start + (cfg.beta_end - cfg.beta_start) * i / (T - 1) for i in range(T)]
+    beta = betas[k - 1]
+    abar = math.prod(1 - b for b in betas[:k])
+    return beta, 1 - beta, abar
+
+
+def test_betas_are_the_linear_schedule(sched):
+    cfg = tiny_diffusion_config(num_train_timesteps=T)
+    want = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+    assert sched.T == T
+    torch.testing.assert_close(sched.betas, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(sched.alphas_cumprod, torch.cumprod(1 - want, 0), rtol=1e-5, atol=1e-8)
+
+
+def test_k_convention(sched):
+    # k = 1 is the first (least noisy) step: beta_1 = beta_start; k = T uses the last entry.
+    assert float(sched.betas[0]) == pytest.approx(1e-4, rel=1e-5)
+    x0 = torch.ones(1, 3, 2, 2)
+    noise = torch.zeros_like(x0)
+    for k in (1, 7, T):
+        _, _, abar = _hand(k)
+        assert float(sched.q_sample(x0, k, noise)[0, 0, 0, 0]) == pytest.approx(math.sqrt(abar), rel=1e-6)
+    torch.testing.assert_close(sched.q_sample(x0, 0, torch.randn_like(x0)), x0)  # k = 0: no noise
+    for bad in (-1, T + 1):
+        with pytest.raises(ValueError, match="k must lie in"):
+            sched.q_sample(x0, bad, noise)
+    with pytest.raises(ValueError, match="k must lie in"):
+        sched.p_mean_variance(noise, x0, 0)
+
+    seen = []
+
+    class Rec(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t.clone())
+            return type("O", (), {"sample": torch.zeros_like(x)})()
+
+    EpsModel(Rec())(torch.zeros(2, 3, 2, 2), torch.tensor([1, T]))
+    assert seen[0].tolist() == [0, T - 1]  # the UNet sees the diffusers index k - 1
+
+
+def test_q_sample_formula_per_sample_k(sched):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    k = torch.tensor([1, 10, 20])
+    out = sched.q_sample(x0, k, noise)
+    for i, kk in enumerate(k.tolist()):
+        _, _, abar = _hand(kk)
+        torch.testing.assert_close(out[i], math.sqrt(abar) * x0[i] + math.sqrt(1 - abar) * noise[i], rtol=1e-5, atol=1e-6)
+
+
+def test_p_mean_variance_eq4_by_hand(sched):
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    for k in (1, 5, T):
+        beta, alpha, abar = _hand(k)
+        mean, var = sched.p_mean_variance(eps, x, k)
+        want = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(alpha)
+        torch.testing.assert_close(mean, want, rtol=1e-5, atol=1e-6)
+        assert var.shape == (2, 1, 1, 1) and float(var[0]) == pytest.approx(beta, rel=1e-6)
+
+
+def _const_eps(value: float = 0.3):
+    return lambda x, k: torch.full_like(x, value)
+
+
+def test_reverse_step_noise_and_no_noise_at_k1(sched):
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    z = torch.randn_like(x) * 100
+    eps = _const_eps()
+    mean1, _ = sched.p_mean_variance(eps(x, None), x, 1)
+    torch.testing.assert_close(sched.guided_reverse_step(eps, x, 1, z), mean1)  # no noise at k = 1
+    torch.testing.assert_close(sched.guided_reverse_step(eps, x, 1, None), mean1)
+    mean5, var5 = sched.p_mean_variance(eps(x, None), x, 5)
+    torch.testing.assert_close(sched.guided_reverse_step(eps, x, 5, z), mean5 + var5.sqrt() * z)
+    with pytest.raises(ValueError, match="noise is required"):
+        sched.guided_reverse_step(eps, x, 5, None)
+
+
+def test_guided_step_sign_scale_zero_and_mask(sched):
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    z = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    calls = []
+
+    def cond_fn(x_k, k):
+        calls.append(k)
+        return grad
+
+    eps = _const_eps()
+    unguided = sched.guided_reverse_step(eps, x, 6, z)
+    torch.testing.assert_close(sched.guided_reverse_step(eps, x, 6, z, cond_fn, 0.0), unguided)
+    assert calls == []  # scale 0: cond_fn is not evaluated
+    beta, _, _ = _hand(6)
+    out = sched.guided_reverse_step(eps, x, 6, z, cond_fn, 50.0)
+    torch.testing.assert_close(out, unguided - 50.0 * beta * grad, rtol=1e-5, atol=1e-6)  # mu_hat = mu - s beta grad
+    mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True
+    out_m = sched.guided_reverse_step(eps, x, 6, z, cond_fn, 50.0, guide_mask=mask)
+    torch.testing.assert_close(out_m[:, :, :2], out[:, :, :2])
+    torch.testing.assert_close(out_m[:, :, 2:], unguided[:, :, 2:])
+
+
+# --------------------------------------------------------------------------- unet.py
+
+def test_build_unet_shapes_and_attention():
+    for attention in (False, True):
+        cfg = tiny_diffusion_config(attention=attention)
+        unet = build_unet(cfg)
+        kinds = [type(b).__name__ for b in unet.down_blocks]
+        assert kinds == (["DownBlock2D", "AttnDownBlock2D"] if attention else ["DownBlock2D", "DownBlock2D"])
+        x = torch.randn(2, 3, 8, 8)
+        assert unet(x, torch.tensor([0, 19])).sample.shape == (2, 3, 8, 8)
+    default = build_unet(tiny_diffusion_config().__class__())  # the digits default: (32, 64, 64), no attention
+    assert 1.0e6 < sum(p.numel() for p in default.parameters()) < 1.1e6
+
+
+def test_ema_update_copy_and_state():
+    unet = tiny_unet()
+    ema = EMA(unet, decay=0.5)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    ema.update(unet)  # warm-up: decay_0 = min(0.5, 1/10) = 0.1
+    name = next(iter(before))
+    torch.testing.assert_close(ema.shadow[name], before[name] + 0.9)
+    other = EMA(tiny_unet(seed=1), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.num_updates == 1
+    target = tiny_unet(seed=2)
+    other.copy_to(target)
+    torch.testing.assert_close(dict(target.named_parameters())[name].detach(), before[name] + 0.9)
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_state_dict({"nope": torch.zeros(1)})
+
+
+def test_save_load_unet_roundtrip_and_errors(tmp_path):
+    cfg = tiny_diffusion_config()
+    unet = tiny_unet(cfg)
+    save_unet(tmp_path / "unet.safetensors", unet)
+    back = load_unet(tmp_path / "unet.safetensors", cfg)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(back(x, 3).sample, unet(x, 3).sample)
+    wrong = tiny_diffusion_config()
+    wrong.block_out_channels = [8, 8]
+    with pytest.raises(CheckpointError, match="unet.safetensors"):
+        load_unet(tmp_path / "unet.safetensors", wrong)
+    with pytest.raises(CheckpointError, match="missing_dir"):
+        load_unet_dir(tmp_path / "missing_dir")
+    unet.save_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(load_unet_dir(tmp_path / "hf")(x, 3).sample, unet(x, 3).sample)
+
+
+def test_ddpm_loss_eq5(sched):
+    unet = tiny_unet().train()
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    l1 = ddpm_loss(unet, sched, x0, torch.Generator().manual_seed(0))
+    l2 = ddpm_loss(unet, sched, x0, torch.Generator().manual_seed(0))
+    assert l1.ndim == 0 and torch.isfinite(l1) and l1.item() == l2.item()
+    l1.backward()
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+    # by hand with the same draws
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(1, T + 1, (4,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        want = torch.mean((unet(sched.q_sample(x0, k, noise), k - 1).sample - noise) ** 2)
+    assert l1.item() == pytest.approx(float(want), rel=1e-5)
