@@ -119,6 +119,7 @@ class DiffusionConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 200
     log_every: int = 50
+    sample_steps: Optional[int] = None  # reverse steps of phi^n (respaced, Nichol & Dhariwal); None = n (paper)
     weights: Optional[str] = None  # a local directory with a trained UNet; skips training
     cache_dir: Optional[str] = "runs/_cache/ddpm"  # shared across runs, keyed by (data, DDPM config) hash
 
@@ -142,6 +143,8 @@ class DiffusionConfig:
         _check(0.0 <= self.ema_decay < 1.0, "diffusion.ema_decay", self.ema_decay, "0 <= ema_decay < 1")
         _check(self.checkpoint_every >= 1, "diffusion.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.log_every >= 1, "diffusion.log_every", self.log_every, "an integer >= 1")
+        if self.sample_steps is not None:
+            _check(self.sample_steps >= 1, "diffusion.sample_steps", self.sample_steps, "an integer >= 1 or null")
 
 
 @dataclass

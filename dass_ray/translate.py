@@ -33,9 +33,28 @@ def _noise(gens: list[torch.Generator], shape: Sequence[int], like: torch.Tensor
     return torch.stack([torch.randn(tuple(shape), generator=g, dtype=like.dtype) for g in gens]).to(like.device)
 
 
+def spaced_timesteps(n: int, steps: int) -> list[int]:
+    """About ``steps`` timesteps evenly spaced in 1..n, increasing, always ending at n."""
+    if steps >= n:
+        return list(range(1, n + 1))
+    import numpy as np
+
+    return sorted({int(round(t)) for t in np.linspace(1, n, steps)} | {n})
+
+
+class _Respaced:
+    """eps model on a respaced chain: position k -> the original timestep ``timestep_map[k-1]``."""
+
+    def __init__(self, eps_model: Callable, timestep_map: torch.Tensor):
+        self.eps_model, self.map = eps_model, timestep_map
+
+    def __call__(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.eps_model(x, self.map.to(k.device)[k - 1])
+
+
 def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmenter: Optional[torch.nn.Module],
                     unet: Callable, schedule: DDPMSchedule, guidance: GuidanceConfig, num_classes: int,
-                    ids: Sequence, seed: int) -> torch.Tensor:
+                    ids: Sequence, seed: int, steps: Optional[int] = None) -> torch.Tensor:
     """phi^n + SGG: translate ``images [B, 3, H, W]`` (in [-1, 1]) guided by ``labels int64 [B, H, W]``.
 
     ``unet`` is a ``UNet2DModel`` (wrapped in :class:`EpsModel`) or already an
@@ -44,6 +63,10 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
     phi^n exactly and no segmenter work is done. During translation the segmenter
     is in eval mode with ``requires_grad`` off on its parameters (both restored after).
     ``n = 0`` returns a copy of the input. Returns ``[B, 3, H, W]`` clamped to [-1, 1].
+
+    ``steps``: reverse with ``steps`` respaced steps instead of n (``DDPMSchedule.respaced``;
+    None or >= n is the paper's n steps). The forward diffusion still goes to x_n, and
+    the SGG modules are arranged over the ``steps`` reverse steps.
     """
     B = images.shape[0]
     if images.ndim != 4 or labels.shape != (B, *images.shape[-2:]):
@@ -56,12 +79,18 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
     if n == 0:
         return images.clone()
     guided = guidance.scale > 0 and guidance.arrangement != "none"
-    modules = module_sequence(n, guidance.arrangement, guidance.seed) if guided else ["none"] * n
+    chain = schedule
+    if steps is not None and steps < n:
+        chain = schedule.respaced(spaced_timesteps(n, steps))
+    m = chain.T if chain is not schedule else n
+    modules = module_sequence(m, guidance.arrangement, guidance.seed) if guided else ["none"] * m
     if guided:
         if segmenter is None:
             raise ValueError(f"guidance (scale {guidance.scale}, arrangement {guidance.arrangement!r}) needs a segmenter")
         check_labels(labels, num_classes)
     eps_model = EpsModel(unet) if isinstance(unet, torch.nn.Module) else unet
+    if chain is not schedule:
+        eps_model = _Respaced(eps_model, chain.timestep_map)
     module_of_unet = unet if isinstance(unet, torch.nn.Module) else None
 
     gens = [torch.Generator().manual_seed(noise_seed(seed, n, i)) for i in ids]
@@ -78,14 +107,14 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
     try:
         with torch.no_grad():
             x = schedule.q_sample(images, n, _noise(gens, images.shape[1:], images))
-        for step, k in enumerate(range(n, 0, -1)):
+        for step, k in enumerate(range(m, 0, -1)):
             z = _noise(gens, images.shape[1:], images) if k > 1 else None
             module = modules[step]
             if module == "none":
-                x = schedule.guided_reverse_step(eps_model, x, k, z)
+                x = chain.guided_reverse_step(eps_model, x, k, z)
             else:
                 fn = lcg_step if module == "lcg" else gsg_step
-                x = fn(eps_model, schedule, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n, ids=ids)
+                x = fn(eps_model, chain, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n, ids=ids)
     finally:
         if guided:
             for p, req in restore:

@@ -87,3 +87,47 @@ def test_segmenter_state_restored_and_errors(setup):
     with pytest.raises(GuidanceError, match=r"level n=3, step k=3.*'s0', 's1', 's2', 's3'"):
         _run(setup, n=3, seg=nan_seg)
     assert all(p.requires_grad for p in nan_seg.parameters())  # restored after the error too
+
+
+def test_respaced_with_every_timestep_is_the_original_schedule(setup):
+    sched = setup[0]
+    full = sched.respaced(list(range(1, sched.T + 1)))
+    # diffusers keeps alphabar in float32, so betas recovered from it agree to float32 precision
+    assert torch.allclose(full.betas, sched.betas, atol=1e-6)
+    assert torch.equal(full.alphas_cumprod, sched.alphas_cumprod)
+
+
+def test_respaced_chain_keeps_alphabar_and_ends_at_n(setup):
+    from dass_ray.translate import spaced_timesteps
+
+    sched = setup[0]
+    ts = spaced_timesteps(10, 4)
+    assert ts[-1] == 10 and ts[0] == 1 and len(ts) == 4 and ts == sorted(ts)
+    r = sched.respaced(ts)
+    assert torch.allclose(r.alphas_cumprod, sched.alphas_cumprod[torch.tensor(ts) - 1])
+    # the product of the respaced alphas telescopes to alphabar_n
+    assert torch.allclose(r.alphas.prod(), sched.alphas_cumprod[9])
+    with pytest.raises(ValueError):
+        sched.respaced([3, 2])
+
+
+def test_steps_at_least_n_equals_paper_chain(setup):
+    sched, unet, s, x, y = setup
+    g = GuidanceConfig(scale=1e4, arrangement="alternate")
+    a = translate_level(x, y, 4, s, unet, sched, g, C, IDS, 0)
+    b = translate_level(x, y, 4, s, unet, sched, g, C, IDS, 0, steps=4)
+    assert torch.equal(a, b)
+
+
+def test_respaced_translation_is_guided_finite_and_batch_independent(setup):
+    sched, unet, s, x, y = setup
+    g = GuidanceConfig(scale=1e4, arrangement="alternate")
+    none = GuidanceConfig(scale=0.0, arrangement="none")
+    out = translate_level(x, y, 10, s, unet, sched, g, C, IDS, 0, steps=3)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    halves = torch.cat([translate_level(x[:2], y[:2], 10, s, unet, sched, g, C, IDS[:2], 0, steps=3),
+                        translate_level(x[2:], y[2:], 10, s, unet, sched, g, C, IDS[2:], 0, steps=3)])
+    assert torch.allclose(out, halves, atol=1e-5)
+    plain = translate_level(x, y, 10, None, unet, sched, none, C, IDS, 0, steps=3)
+    with torch.no_grad():
+        assert gsg_loss(s, out, y) < gsg_loss(s, plain, y)

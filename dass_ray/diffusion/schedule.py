@@ -16,7 +16,7 @@ data); ``k`` is an ``int`` or a ``LongTensor [B]``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Sequence, Callable, Optional, Union
 
 import torch
 from diffusers import DDPMScheduler
@@ -54,6 +54,28 @@ class DDPMSchedule:
         self.betas = sched.betas.double()  # [T], betas[k-1] = beta_k
         self.alphas = 1.0 - self.betas  # [T], alpha_k
         self.alphas_cumprod = sched.alphas_cumprod.double()  # [T], alphabar_k
+
+    def respaced(self, timesteps: Sequence[int]) -> "DDPMSchedule":
+        """The schedule restricted to ``timesteps`` t_1 < ... < t_m (paper k, 1..T): a shorter reverse chain.
+
+        Respacing as in Nichol & Dhariwal (2021): position i of the new chain has
+        alphabar'_i = alphabar_{t_i} and beta'_i = 1 - alphabar_{t_i} / alphabar_{t_{i-1}}
+        (alphabar_{t_0} = 1), so Eq. 4 and Sigma = beta' hold unchanged on the new chain.
+        With every timestep 1..n it is the original schedule exactly. ``timestep_map``
+        [m] gives the original t of each position (the UNet is called with it).
+        """
+        ts = torch.as_tensor(list(timesteps), dtype=torch.long)
+        if ts.ndim != 1 or len(ts) == 0 or bool((ts[1:] <= ts[:-1]).any()) or int(ts[0]) < 1 or int(ts[-1]) > self.T:
+            raise ValueError(f"timesteps must be strictly increasing within 1..{self.T}, got {ts.tolist()}")
+        new = object.__new__(DDPMSchedule)
+        abar = self.alphas_cumprod[(ts - 1).to(self.alphas_cumprod.device)]
+        prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        new.T = len(ts)
+        new.alphas_cumprod = abar
+        new.alphas = abar / prev
+        new.betas = 1.0 - new.alphas
+        new.timestep_map = ts
+        return new
 
     def to(self, device: str | torch.device) -> "DDPMSchedule":
         """Keep the (float64) schedule arrays on ``device``; returns self."""
