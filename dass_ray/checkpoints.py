@@ -99,3 +99,39 @@ def checkpoint_id(path: str | os.PathLike) -> str:
     if side.is_file():
         return side.read_text().strip()[:16]
     return sha256_file(path)[:16]
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "opt.") -> tuple[dict[str, torch.Tensor], str]:
+    """Flatten an optimizer's state into tensors + a JSON string (safetensors holds tensors only)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{prefix}{pid}.{name}"] = val
+            else:
+                scalars.setdefault(str(pid), {})[name] = val
+    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], blob: str, prefix: str = "opt.") -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    meta = json.loads(blob)
+    state: dict[int, dict] = {}
+    for key, val in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        pid, name = key[len(prefix):].split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    for pid, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -128,21 +128,33 @@ def test_control_map_conditions_only_controlnet_modes(comps, batch, outputs):
 
 
 def test_strength_to_k():
+    """k = floor(T * S) (Eq. 9, App. A), then DDIM steps of T // steps down to > 0."""
     from diffusers import DDIMScheduler
     from dass_ray.zodi.components import SD15_SCHEDULER
 
     s = DDIMScheduler(**SD15_SCHEDULER)
-    for S in (0.3, 0.6, 0.65, 0.9, 1.0):
+    assert k_from_strength(1000, 0.9) == 900
+    assert k_from_strength(1000, 0.65) == 650
+    assert k_from_strength(1000, 0.6) == 600
+    assert k_from_strength(1000, 1.0) == 999  # capped at the last timestep
+    assert k_from_strength(100, 0.29) == 29  # no floating-point step lost (0.29 * 100 = 28.999...)
+    for S, k, n in ((0.9, 900, 18), (0.65, 650, 13), (0.6, 600, 12)):
+        ts = start_timesteps(s, S, 20)
+        assert ts[0] == k == k_from_strength(1000, S)
+        assert len(ts) == n == int(20 * S)
+        assert ts == list(range(k, 0, -50)) and ts[-1] == 50
+        assert s.num_inference_steps == 20  # scheduler.step uses the same spacing
+    for S in (0.3, 0.5, 0.6, 0.65, 0.9, 1.0):
         for steps in (4, 20, 50):
-            assert k_from_strength(1000, S, steps) == start_timesteps(s, S, steps)[0]
-    assert k_from_strength(1000, 0.9, 20) == 851
-    assert k_from_strength(1000, 0.65, 20) == 601
-    assert k_from_strength(1000, 0.6, 20) == 551
-    assert abs(k_from_strength(1000, 0.9, 20) - 900) <= 1000 // 20
-    assert len(start_timesteps(s, 0.9, 20)) == 18
-    assert k_from_strength(1000, 0.5, 20) != k_from_strength(1000, 0.9, 20)
+            ts = start_timesteps(s, S, steps)
+            assert ts[0] == k_from_strength(1000, S) and min(ts) > 0
+            assert all(a - b == 1000 // steps for a, b in zip(ts, ts[1:]))
+            assert abs(len(ts) - steps * S) <= 1
+    assert start_timesteps(s, 0.5, 4) == [500, 250]
     with pytest.raises(ValueError, match="no denoising step"):
-        k_from_strength(1000, 0.1, 5)
+        k_from_strength(1000, 0.0005)
+    with pytest.raises(ValueError, match="strength"):
+        start_timesteps(s, 1.5, 20)
 
 
 def test_default_strengths():

@@ -4,15 +4,16 @@ Source images are moved to the target domain with Stable Diffusion +
 a segmentation ControlNet, started from the source image itself:
 
 1. ``z_0 = E(x) * scaling_factor`` (the mean of the VAE posterior: deterministic).
-2. Start step ``k`` from the strength ``S`` with diffusers' img2img semantics:
-   ``set_timesteps(steps)`` then keep the last ``int(steps * S)`` DDIM timesteps;
-   ``k`` is the first kept one. For SD 1.5's scheduler (``leading`` spacing,
-   ``steps_offset=1``) and 20 steps this gives k = 851 / 601 / 551 for
-   S = 0.9 / 0.65 / 0.6, against ``floor(T S)`` = 900 / 650 / 600 of Eq. 9 (App. A):
-   the number of kept steps is ``int(steps S)``, so k sits on the DDIM grid
-   (spacing T/steps = 50) one grid step plus the offset below ``floor(T S)`` when
-   ``T S`` is a grid point. This is what the diffusers img2img pipelines the public
-   code builds on do.
+2. Start step ``k = floor(T * S)`` from the strength ``S`` (Eq. 9, App. A;
+   ``T`` = the scheduler's ``num_train_timesteps``), capped at ``T - 1`` (the
+   last timestep that exists, for ``S = 1``). The denoising runs DDIM over
+   ``k, k - T//steps, k - 2 T//steps, ...`` (every timestep > 0), i.e. about
+   ``int(steps * S)`` steps on a grid of spacing ``T // steps`` anchored at k;
+   the last step lands on ``alphabar_0``. For T = 1000, 20 steps: S = 0.9 / 0.65 /
+   0.6 gives k = 900 / 650 / 600 and 18 / 13 / 12 steps. (diffusers' img2img
+   rule, which the public code inherits, instead keeps the last ``int(steps S)``
+   timesteps of the ``leading`` grid 951, 901, ..., 1, so k = 851 / 601 / 551:
+   one grid step plus the offset below Eq. 9's k. We follow the paper.)
 3. Modes (``ZodiConfig.mode``, the ablations of Sec. 4.3 / Tab. 2):
 
    - ``zodi``: ControlNet + stochastic inversion (Eq. 4, 5):
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -77,40 +79,39 @@ def resolve_prompt(cfg: ZodiConfig) -> str:
     return cfg.prompt if cfg.prompt is not None else f"driving {cfg.domain}, best quality"
 
 
-def _leading_timesteps(T: int, steps: int, offset: int = 1) -> list[int]:
-    ratio = T // steps
-    return [int(t) + offset for t in range(0, steps * ratio, ratio)][::-1][:steps]
+def k_from_strength(T: int, strength: float) -> int:
+    """Start step of strength S: ``k = floor(T * S)`` (Eq. 9, App. A), capped at ``T - 1``.
 
-
-def start_timesteps(scheduler, strength: float, steps: int) -> list[int]:
-    """The DDIM timesteps to run, first = k (diffusers img2img ``get_timesteps``)."""
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    scheduler.set_timesteps(steps)
-    all_t = [int(t) for t in scheduler.timesteps]
-    n_keep = min(int(steps * strength), steps)
-    if n_keep < 1:
-        raise ValueError(
-            f"zodi: strength {strength} with {steps} steps keeps no denoising step "
-            f"(int(steps * strength) = 0); raise zodi.steps or zodi.strength")
-    return all_t[len(all_t) - n_keep:]
-
-
-def k_from_strength(T: int, strength: float, steps: int, steps_offset: int = 1) -> int:
-    """Start step k for strength S: the first of the last ``int(steps*S)`` DDIM timesteps.
-
-    Assumes the SD 1.5 DDIM grid (``leading`` spacing of ``T // steps``, ``steps_offset``):
-    ``k = (int(steps*S) - 1) * (T // steps) + offset`` (e.g. T=1000, steps=20:
-    S=0.9 -> 851, S=0.65 -> 601, S=0.6 -> 551), whereas Eq. 9 reads ``floor(T*S)``
-    (900 / 650 / 600).
+    E.g. T = 1000: S = 0.9 -> 900, 0.65 -> 650, 0.6 -> 600, 1.0 -> 999. The product
+    is rounded to 9 decimals before the floor so that binary fractions do not
+    lose a step (``0.29 * 100`` is 28.999999999999996 in floating point).
+    Raises ``ValueError`` when S is outside (0, 1] or k would be 0.
     """
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    n_keep = min(int(steps * strength), steps)
-    if n_keep < 1:
-        raise ValueError(f"strength {strength} with {steps} steps keeps no denoising step")
-    ts = _leading_timesteps(T, steps, steps_offset)
-    return ts[len(ts) - n_keep]
+    k = min(math.floor(round(T * strength, 9)), T - 1)
+    if k < 1:
+        raise ValueError(f"zodi: strength {strength} with T = {T} gives k = {k}: no denoising step; "
+                         f"raise zodi.strength")
+    return k
+
+
+def start_timesteps(scheduler, strength: float, steps: int) -> list[int]:
+    """The DDIM timesteps to run: ``k, k - T//steps, k - 2 T//steps, ...`` (all > 0), first = k.
+
+    ``k = floor(T * S)`` (:func:`k_from_strength`); ``T // steps`` is the spacing
+    of a ``steps``-step DDIM trajectory over all T, so about ``int(steps * S)``
+    steps run (18 / 13 / 12 for S = 0.9 / 0.65 / 0.6 and 20 steps).
+    Calls ``scheduler.set_timesteps(steps)`` so that ``scheduler.step`` uses the
+    same spacing (its previous timestep is ``t - T // steps``; below 0 it uses
+    the scheduler's final alphabar).
+    """
+    T = int(scheduler.config.num_train_timesteps)
+    if not 1 <= steps <= T:
+        raise ValueError(f"zodi: steps must be in 1..{T}, got {steps}")
+    k = k_from_strength(T, strength)
+    scheduler.set_timesteps(steps)
+    return list(range(k, 0, -(T // steps)))
 
 
 def sample_seed(seed: int, sample_id: str) -> int:

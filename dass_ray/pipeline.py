@@ -1,0 +1,174 @@
+"""``dass-ray run``: the stages a config declares, in order, resumable.
+
+method ``ptl``:         data -> target DDPM -> g_0 (source) -> PTL levels -> evaluation
+method ``source_only``: data -> g_0 -> evaluation
+method ``oracle``:      data -> g on target-train labels (upper bound, clearly marked) -> evaluation
+method ``zodi``:        data -> ZoDi transfer -> adaptation training -> evaluation
+
+Every stage records itself in ``state.json`` when it finishes; a re-run with
+the same DIR skips what is done. At the end ``metrics.json`` is written and a
+table printed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .checkpoints import atomic_write_json
+from .config import ExperimentConfig
+from .run_state import RunDir
+from .tracking import Tracker
+
+
+def _eval_remote(cfg: ExperimentConfig, ckpt: Path, domain: str, split: str) -> dict:
+    """Evaluate a checkpoint on a split, as a Ray task with a train worker's resources."""
+    import ray
+
+    def _run(cfg_dict: dict, ckpt: str, domain: str, split: str) -> dict:
+        from .config import ExperimentConfig as EC, from_dict
+        from .evaluation import evaluate, summary
+        from .metrics import PROTOCOLS
+        from .ray_utils import pick_device
+        from .seg_training import load_trained
+        from .stages import common
+
+        c = from_dict(EC, cfg_dict)
+        common.env_threads(c.ray.worker_threads())
+        device = pick_device(c.ray.device, c.ray.gpus_per_worker)
+        data = common.load(c, domain, split)
+        model = load_trained(Path(ckpt), c.segmenter, c.data.num_classes).to(device)
+        cm = evaluate(model, data.images, data.labels, c.data.num_classes, c.segmenter.eval_batch_size, device)
+        p = PROTOCOLS[c.data.protocol]
+        return {**summary(cm, list(p.names), p.classes), "skipped": len(data.skipped)}
+
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker)(_run)
+    return ray.get(task.remote(cfg.to_dict(), str(ckpt), domain, split))
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, ckpt: Path, domain: Optional[str] = None,
+                        split: Optional[str] = None) -> dict:
+    from .ray_utils import ensure_ray
+
+    ensure_ray(cfg.ray)
+    return _eval_remote(cfg, ckpt, domain or cfg.data.target_domain, split or cfg.data.target_val_split)
+
+
+def _stage_eval(rd: RunDir, key: str, cfg: ExperimentConfig, ckpt: Path) -> dict:
+    if rd.is_done(key):
+        return rd.record(key)["result"]
+    res = _eval_remote(cfg, ckpt, cfg.data.target_domain, cfg.data.target_val_split)
+    rd.mark_done(key, {"result": res})
+    return res
+
+
+def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
+        fail_after: Optional[int] = None) -> dict:
+    """Run what ``cfg`` declares into ``out`` (resuming when ``out`` has finished stages)."""
+    from .ray_utils import ensure_ray
+    from .stages import common
+    from .stages.ddpm import run_ddpm_stage
+    from .stages.source import G0_FILE, run_source_stage
+
+    t0 = time.time()
+    rd = RunDir(out, cfg)
+    tracker = Tracker(cfg, rd.path)
+    tracker.start(run_name=f"{cfg.name}-{rd.path.name}", resume_run_id=rd.state.get("mlflow_run_id"))
+    if tracker.parent_run_id:
+        rd.set("mlflow_run_id", tracker.parent_run_id)
+    status = "FAILED"
+    try:
+        log(f"[dass-ray] {cfg.name}: method {cfg.method}, run dir {rd.path}")
+        common.ensure_data(cfg, log)
+        ensure_ray(cfg.ray)
+        metrics: dict = {"name": cfg.name, "method": cfg.method, "config_hash": rd.config_hash}
+        if cfg.method in ("source_only", "oracle", "ptl"):
+            stage = "oracle" if cfg.method == "oracle" else "source"
+            if not rd.is_done(stage):
+                run_source_stage(cfg, rd.path, oracle=cfg.method == "oracle", tracker=tracker, log=log)
+                rd.mark_done(stage)
+            g0 = rd.path / stage / G0_FILE
+            res0 = _stage_eval(rd, f"eval_{stage}", cfg, g0)
+            key = "oracle_miou" if cfg.method == "oracle" else "source_only_miou"
+            metrics[key] = res0["miou"]
+            metrics["target_miou"] = res0["miou"]
+            metrics["per_class"] = res0["per_class"]
+            final_ckpt = g0
+        if cfg.method == "ptl":
+            from .stages.ptl import run_ptl_stage
+
+            if not rd.is_done("ddpm"):
+                unet_path = run_ddpm_stage(cfg, rd.path, tracker=tracker, log=log)
+                rd.mark_done("ddpm", {"unet": str(unet_path)})
+            unet_path = Path(rd.record("ddpm")["unet"])
+            levels = run_ptl_stage(cfg, rd.path, unet_path, g0, tracker=tracker, log=log, fail_after=fail_after)
+            final_ckpt = _finish_ptl(cfg, rd, levels, metrics, res0, tracker)
+        if cfg.method == "zodi":
+            from .stages.zodi import run_zodi_stages
+
+            final_ckpt = run_zodi_stages(cfg, rd, metrics, tracker=tracker, log=log)
+        metrics["wall_s"] = round(time.time() - t0 + rd.state.get("wall_s_before", 0.0), 1)
+        metrics["tracking_errors"] = len(tracker.errors)
+        atomic_write_json(rd.path / "metrics.json", metrics)
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracker.log_artifact(rd.path / "metrics.json")
+        tracker.log_artifact(final_ckpt, "checkpoint")
+        _print_table(metrics, log)
+        status = "FINISHED"
+        return metrics
+    finally:
+        rd.set("wall_s_before", rd.state.get("wall_s_before", 0.0) + (time.time() - t0 if status != "FINISHED" else 0))
+        tracker.end(status=status)
+
+
+def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: dict, res0: dict, tracker) -> Path:
+    from .pictures import grid, per_class_rows, plot_series, save_png, write_table
+    from .stages.ptl import SEG_FILE, level_dir
+
+    from .data.layout import list_ids, read_sample
+    from .stages import common
+
+    records = [json.loads((level_dir(rd.path, n) / "record.json").read_text()) for n in levels]
+    final = records[-1]
+    metrics["target_miou"] = final.get("target_miou", metrics.get("target_miou"))
+    metrics["per_class"] = final.get("per_class", metrics.get("per_class"))
+    metrics["levels"] = [{k: v for k, v in r.items() if k != "per_class"} for r in records]
+    per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size * cfg.ray.num_workers
+    metrics["unet_evals"] = int(sum(levels) * per_level)
+    metrics["translated_images"] = int(len(levels) * per_level)
+    metrics["level_seconds_mean"] = float(np.mean([r["seconds"] for r in records]))
+    pics = rd.sub("pictures")
+    # Fig. 4: one source image through the intermediate domains
+    probe_id = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)[0]
+    img, lbl = read_sample(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split, probe_id,
+                           cfg.data.num_classes)
+    from PIL import Image
+
+    shots = [np.asarray(Image.open(level_dir(rd.path, n) / "probe.png").convert("RGB"))
+             for n in levels if (level_dir(rd.path, n) / "probe.png").exists()]
+    step = max(1, len(shots) // 10)
+    save_png(pics / "intermediate_domains.png", grid([[img, *shots[::step][-10:]], ], scale=4 if img.shape[0] <= 64 else 1))
+    evald = [(r["level"], r["target_miou"]) for r in records if "target_miou" in r]
+    plot_series(pics / "miou_vs_level.png", [0] + [n for n, _ in evald], {"target-val mIoU": [res0["miou"]] + [m for _, m in evald]},
+                "level n", "mIoU (%)", f"{cfg.name}: PTL")
+    write_table(pics / "per_class_iou.csv", per_class_rows(metrics["per_class"], source_only=res0["per_class"]))
+    for f in ("intermediate_domains.png", "miou_vs_level.png", "per_class_iou.csv"):
+        tracker.log_artifact(pics / f, "pictures")
+    return level_dir(rd.path, levels[-1]) / SEG_FILE
+
+
+def _print_table(metrics: dict, log: Callable[[str], None]) -> None:
+    lines = [f"\n== {metrics['name']} ({metrics['method']}) =="]
+    for k in ("source_only_miou", "oracle_miou", "target_miou"):
+        if k in metrics and metrics[k] is not None:
+            lines.append(f"{k:>20}: {metrics[k]:6.2f}")
+    if "unet_evals" in metrics:
+        lines.append(f"{'unet_evals':>20}: {metrics['unet_evals']}")
+    lines.append(f"{'wall_s':>20}: {metrics['wall_s']}")
+    pc = metrics.get("per_class") or {}
+    if pc:
+        lines.append("per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in pc.items()))
+    log("\n".join(lines))

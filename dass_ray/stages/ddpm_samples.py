@@ -1,0 +1,59 @@
+"""Pictures and a statistic of a trained target DDPM: does phi^n move source images to the target?
+
+Rows of the grid: source images, phi^n(source) for a few n up to T (phi^T is a
+sample from noise), and real target-train images. Next to it, JSON with the
+domain classifier's target score (:mod:`dass_ray.domain_stats`) of each row.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoints import atomic_write_json
+from ..config import ExperimentConfig, GuidanceConfig
+from . import common
+
+
+def phi_n(cfg: ExperimentConfig, unet, images: np.ndarray, n: int, ids: Sequence[str]) -> np.ndarray:
+    """Unguided phi^n of uint8 [B,H,W,3] images -> uint8 [B,H,W,3]."""
+    from ..data.transforms import from_diffusion, to_diffusion
+    from ..diffusion.schedule import DDPMSchedule
+    from ..translate import translate_level
+
+    x = to_diffusion(images)
+    y = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.long)
+    out = translate_level(x, y, n, None, unet, DDPMSchedule(cfg.diffusion), GuidanceConfig(scale=0.0, arrangement="none"),
+                          cfg.data.num_classes, ids=list(ids), seed=cfg.seed, steps=cfg.diffusion.sample_steps)
+    return from_diffusion(out)
+
+
+def sample_grid(cfg: ExperimentConfig, unet_path: Path, out_png: Path, count: int = 8,
+                levels: Optional[list[int]] = None) -> Path:
+    from ..diffusion.unet import load_unet
+    from ..domain_stats import DomainClassifier
+    from ..pictures import grid, save_png
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    unet = load_unet(unet_path, cfg.diffusion).eval()
+    src = common.load(cfg, cfg.data.source_domain, cfg.data.source_split, labels=False)
+    tgt = common.load(cfg, cfg.data.target_domain, cfg.data.target_train_split, labels=False)
+    ids = src.ids[:count]
+    T = cfg.diffusion.num_train_timesteps
+    levels = levels or sorted({max(1, cfg.ptl.N // 2), cfg.ptl.N, T})
+    rows = [src.images[:count]]
+    clf = DomainClassifier.fit(src.images[:500], tgt.images[:500], seed=cfg.seed)
+    scores = {"source": clf.target_score(src.images[:count])}
+    for n in levels:
+        img = phi_n(cfg, unet, src.images[:count], n, ids)
+        rows.append(img)
+        scores[f"phi_{n}"] = clf.target_score(img)
+    rows.append(tgt.images[:count])
+    scores["target"] = clf.target_score(tgt.images[:count])
+    save_png(out_png, grid([list(r) for r in rows], scale=4 if src.images.shape[1] <= 64 else 1))
+    atomic_write_json(out_png.with_suffix(".json"), {"rows": ["source", *[f"phi_{n}" for n in levels], "target"],
+                                                     "target_score": scores,
+                                                     "classifier_train_accuracy": clf.train_accuracy})
+    return out_png

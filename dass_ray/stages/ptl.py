@@ -1,0 +1,252 @@
+"""Stage: Progressive Translation Learning (Sec. 4.3, Eq. 11, 12), streamed.
+
+One Ray Train run (one ``fit()``, its ~20 s start-up paid once) walks all
+remaining levels n = s, 2s, ..., N. At each level the training worker builds
+the level's translation pipeline: rows ``{level, ids}`` through a Ray Data
+actor pool of :class:`~dass_ray.stages.translator.Translator` guided by
+g_{n-1}, and fine-tunes on its output as it streams in (the first batches
+train while the actors translate the rest). Then it publishes g_n.
+
+Why a pipeline per level and not one dataset over all levels fed through
+``get_dataset_shard``: level n+1 needs g_n, which exists only after level n's
+last batch was consumed. With one dataset, the actors translating level n+1
+must wait for g_n, and Ray Data 2.60 holds back the tail of level n's output
+while its actor is busy (measured: the consumer stalls after the first block
+and never receives the rest) -- a deadlock. A pipeline per level has no such
+cycle; its cost is one actor start-up per level, recorded per level as
+``first_batch_s`` in the level's record.
+
+Each level translates only what its fine-tuning consumes: ``iters_per_level x
+batch_size`` source images (per worker), so the UNet evaluations are
+sum_n n x iters x batch, not N(N+1)/2 x |X^S|.
+
+After a level: g_n checkpoint, the level's translated rows as Parquet (with
+provenance), and ``record.json`` (loss, mIoU when evaluated). Re-running resumes
+after the last level with a record.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..checkpoints import atomic_write_bytes, atomic_write_json
+from ..config import ExperimentConfig
+from . import common
+
+SEG_FILE = "segmenter.safetensors"
+
+
+def level_dir(run_dir: Path, n: int) -> Path:
+    return run_dir / "ptl" / "levels" / f"{n:05d}"
+
+
+def done_levels(run_dir: Path) -> list[int]:
+    base = run_dir / "ptl" / "levels"
+    if not base.exists():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if (p / "record.json").exists() and (p / (SEG_FILE + ".sha256")).exists())
+
+
+def level_ids(cfg: ExperimentConfig, source_ids: list[str], n: int, rank: int) -> list[str]:
+    """The source ids level n translates for worker ``rank``: iters x batch, seeded by (seed, n, rank).
+
+    The first id is the same at every level (the "probe" of the Fig. 4 grid).
+    """
+    k = cfg.ptl.iters_per_level * cfg.ptl.batch_size
+    rng = common.seeded_rng(cfg.seed, n, rank, 7)
+    replace = k > len(source_ids)
+    pick = rng.choice(len(source_ids), size=k, replace=replace)
+    ids = [source_ids[i] for i in pick]
+    probe = source_ids[0]
+    if rank == 0 and probe not in ids[:1]:
+        ids[0] = probe
+    return ids
+
+
+def _write_parquet(path: Path, rows: dict[str, list]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "id": pa.array(rows["id"], pa.string()),
+        "level": pa.array(rows["level"], pa.int32()),
+        "image_png": pa.array(rows["image_png"], pa.binary()),
+        "seed": pa.array(rows["seed"], pa.int64()),
+        "segmenter_id": pa.array(rows["segmenter_id"], pa.string()),
+        "config_hash": pa.array(rows["config_hash"], pa.string()),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(img).save(b, format="PNG")
+    return b.getvalue()
+
+
+def ptl_loop(loop_config: dict) -> None:
+    """Ray Train worker loop over the remaining levels (fine-tuning, Eq. 12)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ..evaluation import evaluate, summary
+    from ..metrics import PROTOCOLS
+    from ..ray_utils import train_device
+    from ..seg_training import SegTrainer, load_trained
+    from ..data.transforms import to_diffusion
+    from .translator import translation_dataset, translation_rows
+
+    cfg = common.worker_config(loop_config)
+    run_dir = Path(loop_config["run_dir"])
+    levels: list[int] = loop_config["levels"]
+    start_ckpt = Path(loop_config["start_ckpt"])
+    per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size
+    rank, world = common.rank_info()
+    common.env_threads(cfg.ray.worker_threads())
+    device = train_device(cfg.ray.device, cfg.ray.gpus_per_worker)
+
+    torch.manual_seed(cfg.seed)
+    raw = load_trained(start_ckpt, cfg.segmenter, cfg.data.num_classes).to(device)
+    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
+    trainer = SegTrainer(model, raw, cfg.ptl.lr, cfg.ptl.momentum, cfg.segmenter.weight_decay, device)
+    val = common.load(cfg, cfg.data.target_domain, cfg.data.target_val_split) if rank == 0 else None
+    names = list(PROTOCOLS[cfg.data.protocol].names)
+    classes = PROTOCOLS[cfg.data.protocol].classes
+    source_ids = loop_config["source_ids"]
+    prev_ckpt = str(start_ckpt)
+
+    for li, n in enumerate(levels):
+        t_level = time.time()
+        # The level's translations: a Ray Data actor pool guided by g_{n-1}, streamed into
+        # the fine-tuning below (the first batches train while the actors translate the rest).
+        rows = translation_rows({n: level_ids(cfg, source_ids, n, rank)}, cfg.ptl.translate_batch_size)
+        ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: prev_ckpt}, loop_config.get("fail_after"))
+        buf_rows: dict[str, list] = {k: [] for k in ("id", "level", "image_png", "seed", "segmenter_id", "config_hash")}
+        losses: list[float] = []
+        probe: Optional[np.ndarray] = None
+        first_batch_s: Optional[float] = None
+        for batch in ds.iter_batches(batch_size=cfg.ptl.batch_size, batch_format="numpy"):
+            if first_batch_s is None:
+                first_batch_s = time.time() - t_level
+            x_t = to_diffusion(batch["image"])
+            x_s = to_diffusion(batch["source"])
+            y = torch.from_numpy(batch["label"].astype(np.int64))
+            parts = trainer.step_pair(x_t, x_s, y, l_src=cfg.ptl.l_src,
+                                      similarity_weight=cfg.segmenter.similarity_weight)
+            losses.append(parts["loss"])
+            for j in range(len(batch["id"])):
+                if probe is None and rank == 0:
+                    probe = batch["image"][j]
+                buf_rows["id"].append(str(batch["id"][j]))
+                buf_rows["level"].append(int(batch["level"][j]))
+                buf_rows["image_png"].append(_png(batch["image"][j]))
+                buf_rows["seed"].append(int(batch["seed"][j]))
+                buf_rows["segmenter_id"].append(str(batch["segmenter_id"][j]))
+                buf_rows["config_hash"].append(str(batch["config_hash"][j]))
+        consumed = len(buf_rows["id"])
+        if consumed != per_level or set(buf_rows["level"]) != {n}:
+            raise RuntimeError(f"level {n} (rank {rank}): got {consumed} translated images of {per_level}")
+        # ---- level n complete on this worker
+        d = level_dir(run_dir, n)
+        d.mkdir(parents=True, exist_ok=True)
+        _write_parquet(d / f"translated-r{rank}.parquet", buf_rows)
+        if world > 1:
+            torch.distributed.barrier()
+        record = {"level": n, "loss": float(np.mean(losses)), "iters": len(losses),
+                  "translated": consumed, "seconds": time.time() - t_level,
+                  "first_batch_s": first_batch_s}
+        if rank == 0:
+            last = li == len(levels) - 1
+            if last or (li + 1) % cfg.ptl.eval_every == 0:
+                cm = evaluate(raw, val.images, val.labels, cfg.data.num_classes, cfg.segmenter.eval_batch_size, device)
+                s = summary(cm, names, classes)
+                record.update({"target_miou": s["miou"], "per_class": s["per_class"]})
+            if probe is not None:
+                atomic_write_bytes(d / "probe.png", _png(probe))
+            trainer.save(d / SEG_FILE, {"level": n})  # publishes g_n: level n+1's translators wait on it
+            atomic_write_json(d / "record.json", record)
+            print(f"[ptl] level {n}: loss {record['loss']:.4f}"
+                  + (f", target mIoU {record['target_miou']:.2f}" if "target_miou" in record else "")
+                  + f" ({record['seconds']:.1f}s)")
+        ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        prev_ckpt = str(d / SEG_FILE)
+
+
+class _LevelLogger(threading.Thread):
+    """Logs each level's record to MLflow as soon as the training loop writes it."""
+
+    def __init__(self, run_dir: Path, tracker, run_id: Optional[str]):
+        super().__init__(daemon=True)
+        self.run_dir, self.tracker, self.run_id = run_dir, tracker, run_id
+        self.seen: set[int] = set()
+        self.stop = threading.Event()
+
+    def poll(self) -> None:
+        for n in done_levels(self.run_dir):
+            if n in self.seen:
+                continue
+            self.seen.add(n)
+            rec = json.loads((level_dir(self.run_dir, n) / "record.json").read_text())
+            m = {"ptl_loss": rec["loss"], "level_seconds": rec["seconds"]}
+            if "target_miou" in rec:
+                m["target_miou"] = rec["target_miou"]
+            self.tracker.log_metrics(m, step=n, run_id=self.run_id)
+
+    def run(self) -> None:
+        while not self.stop.wait(2.0):
+            self.poll()
+
+
+def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path: Path, tracker=None,
+                  log: Callable[[str], None] = print, fail_after: Optional[int] = None) -> list[int]:
+    """Run the remaining PTL levels; return all finished levels."""
+    from ..data.layout import list_ids
+
+    all_levels = cfg.ptl.levels()
+    finished = done_levels(run_dir)
+    todo = [n for n in all_levels if n not in finished]
+    if not todo:
+        log(f"[ptl] all {len(all_levels)} levels already done")
+        return finished
+    prev_level = max([n for n in finished if n < todo[0]], default=None)
+    start_ckpt = level_dir(run_dir, prev_level) / SEG_FILE if prev_level else g0_path
+    source_ids = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)
+    if cfg.data.max_samples:
+        source_ids = source_ids[: cfg.data.max_samples]
+    log(f"[ptl] levels {todo[0]}..{todo[-1]} ({len(todo)} to run, {len(finished)} done), "
+        f"{cfg.ptl.iters_per_level * cfg.ptl.batch_size} images per level per worker")
+    logger = None
+    rid = None
+    if tracker is not None:
+        rid = tracker.child("ptl", {"levels": len(all_levels)})
+        logger = _LevelLogger(run_dir, tracker, rid)
+        logger.start()
+    t0 = time.time()
+    ok = False
+    try:
+        common.fit(ptl_loop, {"run_dir": str(run_dir.resolve()), "levels": todo, "start_ckpt": str(start_ckpt),
+                              "unet_path": str(unet_path), "source_ids": source_ids, "fail_after": fail_after},
+                   cfg, run_dir, name="ptl")
+        ok = True
+    finally:
+        if logger is not None:
+            logger.stop.set()
+            logger.join()
+            logger.poll()
+            tracker.end(rid, "FINISHED" if ok else "FAILED")
+    log(f"[ptl] {len(todo)} levels in {time.time() - t0:.0f}s")
+    return done_levels(run_dir)

@@ -1,0 +1,148 @@
+"""The Ray Data actor that runs guided reverse diffusion (phi^n + SGG), and its datasets.
+
+One actor holds one copy of the UNet and of the segmenter on its device.
+Input rows are *translation batches*: ``{level: int, ids: list[str]}``, so a
+batch never mixes levels (a level's segmenter g_{n-1} may not exist yet while
+an earlier level is still training). The actor reads the source images and
+labels of the ids itself, translates them with :func:`dass_ray.translate.translate_level`
+and returns one row per image with provenance columns.
+
+When a level's segmenter checkpoint is not yet published (PTL streams level
+n+1 behind level n's fine-tuning), the actor waits for it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..checkpoints import checkpoint_id
+from ..config import ExperimentConfig, from_dict
+
+
+class Translator:
+    """Callable class for ``Dataset.map_batches(..., compute=ActorPoolStrategy(size=k))``."""
+
+    def __init__(self, config: dict, unet_path: str, segmenters: dict[int, Optional[str]], source_root: str,
+                 source_domain: str, source_split: str, wait_timeout_s: float = 6 * 3600,
+                 fail_after: Optional[int] = None):
+        from ..data.layout import read_sample  # noqa: F401  (import cost paid once per actor)
+        from ..diffusion.schedule import DDPMSchedule
+        from ..diffusion.unet import load_unet
+        from ..ray_utils import pick_device
+
+        self.cfg: ExperimentConfig = from_dict(ExperimentConfig, config)
+        r = self.cfg.ray
+        torch.set_num_threads(r.threads_per_actor)
+        self.device = pick_device(r.device, r.gpus_per_actor)
+        self.unet = load_unet(unet_path, self.cfg.diffusion).to(self.device).eval()
+        self.schedule = DDPMSchedule(self.cfg.diffusion).to(self.device)
+        self.segmenters = {int(k): v for k, v in segmenters.items()}
+        self.root = Path(source_root)
+        self.domain, self.split = source_domain, source_split
+        self.wait_timeout_s = wait_timeout_s
+        self.config_hash = self.cfg.hash()
+        self._seg_path: Optional[str] = None
+        self._seg = None
+        self._seg_id = "none"
+        self.batches = 0
+        self.fail_after = fail_after  # fault injection for the reliability tests
+
+    # ------------------------------------------------------------------ segmenter per level
+    def _segmenter(self, level: int):
+        path = self.segmenters.get(level)
+        if path is None or not self._guided():
+            return None, "none"
+        if path != self._seg_path:
+            side = Path(path + ".sha256")
+            t0 = time.time()
+            while not side.exists():  # published by the training loop when level n-1 is done
+                if time.time() - t0 > self.wait_timeout_s:
+                    raise TimeoutError(f"segmenter checkpoint {path} for level {level} never appeared")
+                time.sleep(0.2)
+            from ..seg_training import load_trained
+
+            seg = load_trained(Path(path), self.cfg.segmenter, self.cfg.data.num_classes)
+            self._seg = seg.to(self.device).eval()
+            self._seg_path = path
+            self._seg_id = checkpoint_id(path)
+        return self._seg, self._seg_id
+
+    def _guided(self) -> bool:
+        g = self.cfg.guidance
+        return g.scale > 0 and g.arrangement != "none"
+
+    # ------------------------------------------------------------------ batches
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..data.layout import read_sample
+        from ..data.transforms import from_diffusion, to_diffusion
+        from ..translate import translate_level
+
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            os._exit(1)  # simulated actor crash (reliability test); Ray Data restarts the actor
+        self.batches += 1
+        out: dict[str, list] = {k: [] for k in ("id", "level", "image", "label", "source", "seed",
+                                                "segmenter_id", "config_hash")}
+        for level, ids in zip(batch["level"], batch["ids"]):
+            level = int(level)
+            ids = [str(i) for i in ids]
+            pairs = [read_sample(self.root, self.domain, self.split, i, self.cfg.data.num_classes) for i in ids]
+            src = np.stack([p[0] for p in pairs])
+            lbl = np.stack([p[1] for p in pairs])
+            seg, seg_id = self._segmenter(level)
+            x = to_diffusion(src).to(self.device)
+            y = torch.from_numpy(lbl.astype(np.int64)).to(self.device)
+            xt = translate_level(x, y, level, seg, self.unet, self.schedule, self.cfg.guidance,
+                                 self.cfg.data.num_classes, ids=ids, seed=self.cfg.seed,
+                                 steps=self.cfg.diffusion.sample_steps)
+            img = from_diffusion(xt.cpu())
+            for j, i in enumerate(ids):
+                out["id"].append(i)
+                out["level"].append(level)
+                out["image"].append(img[j])
+                out["label"].append(lbl[j])
+                out["source"].append(src[j])
+                out["seed"].append(self.cfg.seed)
+                out["segmenter_id"].append(seg_id)
+                out["config_hash"].append(self.config_hash)
+        return {k: np.stack(v) if k in ("image", "label", "source") else np.asarray(v) for k, v in out.items()}
+
+
+def translation_rows(ids_per_level: dict[int, list[str]], batch_size: int) -> list[dict]:
+    """Rows ``{level, ids}`` of at most ``batch_size`` ids, level by level, in order."""
+    rows = []
+    for level in sorted(ids_per_level):
+        ids = ids_per_level[level]
+        for i in range(0, len(ids), batch_size):
+            rows.append({"level": level, "ids": list(ids[i : i + batch_size])})
+    return rows
+
+
+def translation_dataset(cfg: ExperimentConfig, rows: list[dict], unet_path: str, segmenters: dict[int, Optional[str]],
+                        fail_after: Optional[int] = None):
+    """A lazy Ray dataset: the rows through an actor pool of :class:`Translator`."""
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from .common import data_root
+
+    DataContext.get_current().execution_options.preserve_order = True
+    r = cfg.ray
+    # one row (a translation batch) per block, so batches never merge across levels
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    return ds.map_batches(
+        Translator,
+        batch_size=1,
+        compute=ActorPoolStrategy(size=r.num_actors),
+        num_cpus=r.cpus_per_actor,
+        num_gpus=r.gpus_per_actor,
+        fn_constructor_kwargs=dict(
+            config=cfg.to_dict(), unet_path=str(unet_path), segmenters={int(k): v for k, v in segmenters.items()},
+            source_root=str(data_root(cfg)), source_domain=cfg.data.source_domain,
+            source_split=cfg.data.source_split, fail_after=fail_after,
+        ),
+    )
