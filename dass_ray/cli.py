@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output root (<out>/<domain>/<split>/...)")
     q.add_argument("--split", default="train", help="split to convert (cityscapes, acdc)")
     q.add_argument("--domain", default=None, help="domain name in the output (default: the dataset's name)")
+    q.add_argument("--labels", choices=["cityscapes19", "synthia16"], default="cityscapes19",
+                   help="label protocol for cityscapes / acdc (synthia16 for SYNTHIA -> Cityscapes)")
     q.add_argument("--conditions", default="night,snow,rain,fog",
                    help="ACDC conditions, comma-separated (one domain acdc_<condition> each)")
 
@@ -120,13 +122,15 @@ def _dispatch(args) -> int:
         from .data import public
 
         if args.dataset == "cityscapes":
-            n = public.convert_cityscapes(args.src, args.out, args.split, domain=args.domain or "cityscapes")
+            n = public.convert_cityscapes(args.src, args.out, args.split, domain=args.domain or "cityscapes",
+                                         labels=args.labels)
         elif args.dataset == "gta5":
             n = public.convert_gta5(args.src, args.out, args.split, domain=args.domain or "gta5")
         elif args.dataset == "synthia":
             n = public.convert_synthia(args.src, args.out, args.split, domain=args.domain or "synthia")
         else:
-            n = public.convert_acdc(args.src, args.out, args.split, conditions=tuple(args.conditions.split(",")))
+            n = public.convert_acdc(args.src, args.out, args.split, conditions=tuple(args.conditions.split(",")),
+                                    labels=args.labels)
         print(f"converted {n} samples of {args.dataset} into {args.out}")
         return 0
 

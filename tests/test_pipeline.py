@@ -1,0 +1,114 @@
+"""dass-ray run: CLI contract, run directory, resume, and the smoke pipeline end to end."""
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from dass_ray.cli import build_parser, main
+from dass_ray.config import ConfigError, ExperimentConfig, load_config, set_path
+from dass_ray.run_state import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "digits_smoke.yaml"
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "digits"], ["data", "convert"], ["run"], ["train-ddpm"],
+                                 ["translate"], ["eval"], ["tune"], ["validate"]])
+def test_help_for_every_subcommand(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(cmd + ["--help"])
+    assert e.value.code == 0
+    assert "usage: dass-ray" in capsys.readouterr().out
+
+
+def test_bad_config_value_fails_before_any_work(tmp_path, capsys):
+    rc = main(["run", str(SMOKE), "--out", str(tmp_path / "run"), "--set", "ptl.N=-3"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "ptl.N" in err and "-3" in err and "allowed" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_command(capsys):
+    files = [str(p) for p in sorted((ROOT / "experiments").glob("*.yaml"))] + \
+            [str(p) for p in sorted((ROOT / "tune_spaces").glob("*.yaml"))]
+    assert main(["validate", *files]) == 0
+    assert capsys.readouterr().out.count("ok ") == len(files)
+
+
+def test_run_dir_refuses_another_config(tmp_path):
+    cfg = ExperimentConfig(name="a")
+    RunDir(tmp_path / "r", cfg)
+    assert (tmp_path / "r" / "config.resolved.yaml").exists()
+    RunDir(tmp_path / "r", cfg)  # same config: resumes
+    other = set_path(cfg, "guidance.scale", 5.0)
+    with pytest.raises(ConfigError) as e:
+        RunDir(tmp_path / "r", other)
+    assert cfg.hash() in str(e.value) and other.hash() in str(e.value) and "guidance.scale" in str(e.value)
+
+
+def test_run_dir_counts_stage_runs(tmp_path):
+    rd = RunDir(tmp_path / "r", ExperimentConfig())
+    assert not rd.is_done("source")
+    rd.mark_done("source", {"x": 1})
+    assert rd.is_done("source") and rd.record("source")["x"] == 1
+    assert rd.state["runs"]["source"] == 1
+
+
+def _mlflow_runs(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select run_uuid, name, status from runs").fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    from dass_ray.data.digits import build_digits
+
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    build_digits(root, seed=0)
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(SMOKE), "--out", str(out), "--set", f"data.root={digits_root}"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("source_only_miou", "target_miou", "levels", "unet_evals", "wall_s"):
+        assert key in m, key
+    cfg = load_config(SMOKE, [f"data.root={digits_root}"])
+    assert [lv["level"] for lv in m["levels"]] == cfg.ptl.levels()
+    per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size
+    assert m["unet_evals"] == sum(cfg.ptl.levels()) * per_level
+    assert 0 <= m["target_miou"] <= 100 and len(m["per_class"]) == 11
+    for f in ("intermediate_domains.png", "miou_vs_level.png", "per_class_iou.csv"):
+        assert (out / "pictures" / f).exists(), f
+    # every level's translated ids are recorded once, with provenance
+    import pyarrow.parquet as pq
+
+    for n in cfg.ptl.levels():
+        t = pq.read_table(out / "ptl" / "levels" / f"{n:05d}" / "translated-r0.parquet")
+        assert t.num_rows == per_level and set(t.column("level").to_pylist()) == {n}
+        assert set(t.column("config_hash").to_pylist()) == {cfg.hash()}
+    runs = _mlflow_runs(out / "mlflow.db")
+    assert runs and all(status == "FINISHED" for _, _, status in runs), runs
+    assert {"ddpm", "source", "ptl"} <= {name for _, name, _ in runs}
+
+    # an interrupted last level: its record and checkpoint are gone -> only it is redone
+    last = out / "ptl" / "levels" / f"{cfg.ptl.levels()[-1]:05d}"
+    first = out / "ptl" / "levels" / f"{cfg.ptl.levels()[0]:05d}"
+    first_mtime = (first / "record.json").stat().st_mtime
+    (last / "record.json").unlink()
+    (last / "segmenter.safetensors.sha256").unlink()
+    (out / "metrics.json").unlink()
+    assert main(args) == 0
+    assert (last / "record.json").exists() and (out / "metrics.json").exists()
+    assert (first / "record.json").stat().st_mtime == first_mtime
+    state = json.loads((out / "state.json").read_text())
+    assert state["runs"]["source"] == 1 and state["runs"]["ddpm"] == 1
