@@ -145,7 +145,10 @@ def _dispatch(args) -> int:
             print(f"ok  {f}")
         return 0
 
-    cfg = load_config(args.config, args.overrides)
+    from .config import absolute_paths
+
+    # relative paths in the config are relative to where the command runs, not to Ray's workers
+    cfg = absolute_paths(load_config(args.config, args.overrides))
 
     if args.cmd == "run":
         from .pipeline import run

@@ -296,7 +296,9 @@ class RayConfig:
     num_workers: int = 1  # Ray Train workers (DDP)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    threads_per_worker: Optional[int] = None  # torch threads per train worker; None = max(1, int(cpus_per_worker))
+    # torch threads of a DDPM / source training worker; None = max(1, int(cpus_per_worker)).
+    # PTL workers use int(cpus_per_worker): they share the CPUs with the translation actors.
+    threads_per_worker: Optional[int] = None
     num_actors: int = 1  # translation actor pool size
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -496,6 +498,27 @@ def set_path(cfg: ExperimentConfig, path: str, value: Any) -> ExperimentConfig:
     if parts[-1] not in node:
         raise ConfigError(f"config key '{path}': unknown key")
     node[parts[-1]] = value
+    return from_dict(ExperimentConfig, d)
+
+
+def absolute_paths(cfg: ExperimentConfig, base: Optional[str | os.PathLike] = None) -> ExperimentConfig:
+    """A copy of ``cfg`` with its relative file paths made absolute against ``base`` (default: cwd).
+
+    Ray workers run in Ray's session directory, not the driver's working directory,
+    so every path a worker opens must be absolute before the config is shipped.
+    """
+    base_path = Path(base or os.getcwd())
+
+    def fix(p: Optional[str]) -> Optional[str]:
+        if p is None or "://" in p or Path(p).expanduser().is_absolute():
+            return None if p is None else str(Path(p).expanduser()) if "://" not in p else p
+        return str((base_path / p).resolve())
+
+    d = cfg.to_dict()
+    d["data"]["root"] = fix(d["data"]["root"])
+    for sec, key in (("diffusion", "weights"), ("diffusion", "cache_dir"), ("segmenter", "pretrained"),
+                     ("zodi", "base_model"), ("zodi", "controlnet"), ("zodi", "class_palette")):
+        d[sec][key] = fix(d[sec][key])
     return from_dict(ExperimentConfig, d)
 
 

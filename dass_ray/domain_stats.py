@@ -18,7 +18,7 @@ import numpy as np
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
-    """uint8 [N,H,W,3] -> float [N, 27] low-level statistics."""
+    """uint8 [N,H,W,3] -> float [N, 26] low-level statistics."""
     x = images.astype(np.float32) / 255.0
     n = x.shape[0]
     flat = x.reshape(n, -1, 3)

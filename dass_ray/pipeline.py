@@ -49,6 +49,23 @@ def _eval_remote(cfg: ExperimentConfig, ckpt: Path, domain: str, split: str) -> 
     return ray.get(task.remote(cfg.to_dict(), str(ckpt), domain, split))
 
 
+def _sample_grid_remote(cfg: ExperimentConfig, unet_path: Path, out_png: Path) -> Path:
+    """The DDPM sample grid + target scores, as a Ray task with a train worker's resources."""
+    import ray
+
+    def _run(cfg_dict: dict, unet_path: str, out_png: str) -> str:
+        from .config import ExperimentConfig as EC, from_dict
+        from .stages import common
+        from .stages.ddpm_samples import sample_grid
+
+        c = from_dict(EC, cfg_dict)
+        common.env_threads(c.ray.worker_threads())
+        return str(sample_grid(c, Path(unet_path), Path(out_png)))
+
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker)(_run)
+    return Path(ray.get(task.remote(cfg.to_dict(), str(unet_path), str(out_png))))
+
+
 def evaluate_checkpoint(cfg: ExperimentConfig, ckpt: Path, domain: Optional[str] = None,
                         split: Optional[str] = None) -> dict:
     from .ray_utils import ensure_ray
@@ -73,6 +90,9 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
     from .stages.ddpm import run_ddpm_stage
     from .stages.source import G0_FILE, run_source_stage
 
+    from .config import absolute_paths
+
+    cfg = absolute_paths(cfg)  # Ray workers do not share the driver's working directory
     t0 = time.time()
     rd = RunDir(out, cfg)
     tracker = Tracker(cfg, rd.path)
@@ -104,6 +124,12 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
                 unet_path = run_ddpm_stage(cfg, rd.path, tracker=tracker, log=log)
                 rd.mark_done("ddpm", {"unet": str(unet_path)})
             unet_path = Path(rd.record("ddpm")["unet"])
+            if not rd.is_done("ddpm_samples"):
+                grid_png = _sample_grid_remote(cfg, unet_path, rd.sub("pictures") / "ddpm_samples.png")
+                scores = json.loads(grid_png.with_suffix(".json").read_text())["target_score"]
+                tracker.log_artifact(grid_png, "pictures")
+                rd.mark_done("ddpm_samples", {"target_score": scores})
+            metrics["ddpm_target_score"] = rd.record("ddpm_samples")["target_score"]
             levels = run_ptl_stage(cfg, rd.path, unet_path, g0, tracker=tracker, log=log, fail_after=fail_after)
             final_ckpt = _finish_ptl(cfg, rd, levels, metrics, res0, tracker)
         if cfg.method == "zodi":
@@ -137,7 +163,9 @@ def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: d
     metrics["per_class"] = final.get("per_class", metrics.get("per_class"))
     metrics["levels"] = [{k: v for k, v in r.items() if k != "per_class"} for r in records]
     per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size * cfg.ray.num_workers
-    metrics["unet_evals"] = int(sum(levels) * per_level)
+    steps = cfg.diffusion.sample_steps
+    # one UNet evaluation per reverse step: n per image at level n (fewer when respaced)
+    metrics["unet_evals"] = int(sum(min(n, steps) if steps else n for n in levels) * per_level)
     metrics["translated_images"] = int(len(levels) * per_level)
     metrics["level_seconds_mean"] = float(np.mean([r["seconds"] for r in records]))
     pics = rd.sub("pictures")
@@ -151,11 +179,16 @@ def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: d
              for n in levels if (level_dir(rd.path, n) / "probe.png").exists()]
     step = max(1, len(shots) // 10)
     save_png(pics / "intermediate_domains.png", grid([[img, *shots[::step][-10:]], ], scale=4 if img.shape[0] <= 64 else 1))
+    plot_series(pics / "translation_vs_level.png", levels,
+                {"target score (domain classifier)": [r.get("target_score", float("nan")) for r in records],
+                 "consistency mIoU / 100 (g_{n-1} on translations)": [r.get("consistency_miou", float("nan")) / 100
+                                                                      for r in records]},
+                "level n", "score", f"{cfg.name}: translations per level")
     evald = [(r["level"], r["target_miou"]) for r in records if "target_miou" in r]
     plot_series(pics / "miou_vs_level.png", [0] + [n for n, _ in evald], {"target-val mIoU": [res0["miou"]] + [m for _, m in evald]},
                 "level n", "mIoU (%)", f"{cfg.name}: PTL")
     write_table(pics / "per_class_iou.csv", per_class_rows(metrics["per_class"], source_only=res0["per_class"]))
-    for f in ("intermediate_domains.png", "miou_vs_level.png", "per_class_iou.csv"):
+    for f in ("intermediate_domains.png", "miou_vs_level.png", "translation_vs_level.png", "per_class_iou.csv"):
         tracker.log_artifact(pics / f, "pictures")
     return level_dir(rd.path, levels[-1]) / SEG_FILE
 

@@ -159,3 +159,15 @@ def test_tune_space_errors_name_the_key():
     with pytest.raises(ConfigError, match="guidance.arrangement"):
         parse_space({"params": {"guidance.arrangement": {"choice": ["alternate", "zigzag"]}}})
     assert not math.isnan(parse_space({"params": {"guidance.scale": {"uniform": [1.0, 2.0]}}}).params[0].values[0])
+
+
+def test_absolute_paths_resolve_against_base(tmp_path):
+    from dass_ray.config import absolute_paths
+
+    cfg = from_dict(ExperimentConfig, {"data": {"root": "data/digits"}, "diffusion": {"cache_dir": "runs/c"},
+                                       "tracking": {"uri": "http://127.0.0.1:5000"}})
+    out = absolute_paths(cfg, tmp_path)
+    assert out.data.root == str(tmp_path / "data" / "digits")
+    assert out.diffusion.cache_dir == str(tmp_path / "runs" / "c")
+    assert out.diffusion.weights is None and out.tracking.uri == "http://127.0.0.1:5000"
+    assert absolute_paths(out, "/elsewhere") == out  # idempotent

@@ -85,9 +85,13 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
     cfg = load_config(SMOKE, [f"data.root={digits_root}"])
     assert [lv["level"] for lv in m["levels"]] == cfg.ptl.levels()
     per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size
-    assert m["unet_evals"] == sum(cfg.ptl.levels()) * per_level
+    steps = cfg.diffusion.sample_steps or 10**9
+    assert m["unet_evals"] == sum(min(n, steps) for n in cfg.ptl.levels()) * per_level
     assert 0 <= m["target_miou"] <= 100 and len(m["per_class"]) == 11
-    for f in ("intermediate_domains.png", "miou_vs_level.png", "per_class_iou.csv"):
+    assert {"source", "target"} <= set(m["ddpm_target_score"])
+    assert all(0 <= lv["target_score"] <= 1 and 0 <= lv["consistency_miou"] <= 100 for lv in m["levels"])
+    for f in ("intermediate_domains.png", "miou_vs_level.png", "translation_vs_level.png", "per_class_iou.csv",
+              "ddpm_samples.png"):
         assert (out / "pictures" / f).exists(), f
     # every level's translated ids are recorded once, with provenance
     import pyarrow.parquet as pq

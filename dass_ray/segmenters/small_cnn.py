@@ -19,11 +19,12 @@ Layout for width ``w`` (``SegmenterConfig.width``, default 32: 0.42 M parameters
 At 32x32 the deepest map is 4x4 and its receptive field covers the whole image, which
 deciding *which* digit a stroke belongs to needs; the skips keep the stroke edges.
 Measured on the real MNIST digits of the ``digits`` source (SGD lr 0.01, momentum 0.9,
-batch 32, 2 CPU cores): every variant tried sits on a plateau (held-out source mIoU
-0.10-0.20) for the first 400-600 iterations while it learns the digit identity, then
-climbs; this layout was at 0.84 after 1,000 iterations, variants without the H/8 stage
-or without the 3x3 blocks at H/2 and H/4 at 0.4-0.8. Budget at least ~1,500 source
-iterations (or a higher learning rate).
+batch 32, held-out source mIoU): every variant tried sits on a plateau (0.10-0.20) for
+the first 500-900 iterations while it learns the digit identity, then climbs within a
+few hundred iterations; when depends on the seed (this layout at 1,000 iterations:
+0.39, 0.79, 0.84 over three seeds; 0.88 with lr 0.03). Smaller variants (no H/8 stage,
+or without the 3x3 blocks at H/2 and H/4, 0.26-0.38 M parameters) did no better within
+that noise. Budget about 2,000 source iterations, or a higher learning rate.
 
 Every convolution is followed by GroupNorm (not BatchNorm), so the output for an image
 does not depend on the rest of the batch nor on train/eval mode: guidance on batches of

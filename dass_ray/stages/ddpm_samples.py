@@ -44,7 +44,8 @@ def sample_grid(cfg: ExperimentConfig, unet_path: Path, out_png: Path, count: in
     T = cfg.diffusion.num_train_timesteps
     levels = levels or sorted({max(1, cfg.ptl.N // 2), cfg.ptl.N, T})
     rows = [src.images[:count]]
-    clf = DomainClassifier.fit(src.images[:500], tgt.images[:500], seed=cfg.seed)
+    # fitted on images other than the ones scored below (held out)
+    clf = DomainClassifier.fit(src.images[count:count + 500], tgt.images[count:count + 500], seed=cfg.seed)
     scores = {"source": clf.target_score(src.images[:count])}
     for n in levels:
         img = phi_n(cfg, unet, src.images[:count], n, ids)

@@ -104,7 +104,7 @@ def ptl_loop(loop_config: dict) -> None:
     import torch
 
     from ..evaluation import evaluate, summary
-    from ..metrics import PROTOCOLS
+    from ..metrics import PROTOCOLS, ConfusionMatrix
     from ..ray_utils import train_device
     from ..seg_training import SegTrainer, load_trained
     from ..data.transforms import to_diffusion
@@ -116,7 +116,9 @@ def ptl_loop(loop_config: dict) -> None:
     start_ckpt = Path(loop_config["start_ckpt"])
     per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size
     rank, world = common.rank_info()
-    common.env_threads(cfg.ray.worker_threads())
+    # The PTL worker shares the machine with its translation actors: use only the CPUs it
+    # was given (threads_per_worker is for the DDPM / source stages, which run alone).
+    common.env_threads(max(1, int(cfg.ray.cpus_per_worker)))
     device = train_device(cfg.ray.device, cfg.ray.gpus_per_worker)
 
     torch.manual_seed(cfg.seed)
@@ -128,6 +130,16 @@ def ptl_loop(loop_config: dict) -> None:
     classes = PROTOCOLS[cfg.data.protocol].classes
     source_ids = loop_config["source_ids"]
     prev_ckpt = str(start_ckpt)
+    # How target-like are the translations (label-free; DESIGN.md sec. 5 / issue 8): a frozen
+    # domain classifier fitted on source vs target-train *images* (no target labels read).
+    clf = None
+    if rank == 0:
+        from ..domain_stats import DomainClassifier
+
+        src_imgs = common.load(cfg, cfg.data.source_domain, cfg.data.source_split, labels=False).images
+        tgt_imgs = common.load(cfg, cfg.data.target_domain, cfg.data.target_train_split, labels=False).images
+        clf = DomainClassifier.fit(src_imgs[:500], tgt_imgs[:500], seed=cfg.seed)
+        del src_imgs, tgt_imgs
 
     for li, n in enumerate(levels):
         t_level = time.time()
@@ -139,12 +151,19 @@ def ptl_loop(loop_config: dict) -> None:
         losses: list[float] = []
         probe: Optional[np.ndarray] = None
         first_batch_s: Optional[float] = None
+        consistency = ConfusionMatrix(cfg.data.num_classes)
+        level_images: list[np.ndarray] = []
         for batch in ds.iter_batches(batch_size=cfg.ptl.batch_size, batch_format="numpy"):
             if first_batch_s is None:
                 first_batch_s = time.time() - t_level
             x_t = to_diffusion(batch["image"])
             x_s = to_diffusion(batch["source"])
             y = torch.from_numpy(batch["label"].astype(np.int64))
+            # segmenter consistency: does g_{n-1} (before this step) still read the source label?
+            with torch.no_grad():
+                raw.eval()
+                consistency.update(raw(x_t.to(device)).argmax(1).cpu().numpy(), batch["label"])
+            level_images.append(batch["image"])
             parts = trainer.step_pair(x_t, x_s, y, l_src=cfg.ptl.l_src,
                                       similarity_weight=cfg.segmenter.similarity_weight)
             losses.append(parts["loss"])
@@ -168,7 +187,9 @@ def ptl_loop(loop_config: dict) -> None:
             torch.distributed.barrier()
         record = {"level": n, "loss": float(np.mean(losses)), "iters": len(losses),
                   "translated": consumed, "seconds": time.time() - t_level,
-                  "first_batch_s": first_batch_s}
+                  "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes))}
+        if clf is not None:
+            record["target_score"] = clf.target_score(np.concatenate(level_images))
         if rank == 0:
             last = li == len(levels) - 1
             if last or (li + 1) % cfg.ptl.eval_every == 0:
@@ -201,7 +222,9 @@ class _LevelLogger(threading.Thread):
                 continue
             self.seen.add(n)
             rec = json.loads((level_dir(self.run_dir, n) / "record.json").read_text())
-            m = {"ptl_loss": rec["loss"], "level_seconds": rec["seconds"]}
+            m = {"ptl_loss": rec["loss"], "level_seconds": rec["seconds"],
+                 "consistency_miou": rec.get("consistency_miou", float("nan")),
+                 "target_score": rec.get("target_score", float("nan"))}
             if "target_miou" in rec:
                 m["target_miou"] = rec["target_miou"]
             self.tracker.log_metrics(m, step=n, run_id=self.run_id)

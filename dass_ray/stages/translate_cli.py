@@ -46,6 +46,12 @@ def translate_command(cfg: ExperimentConfig, out: Path, level: int, segmenter: O
         raise ConfigError(f"--level {level}: allowed 0..{cfg.diffusion.num_train_timesteps}")
     if segmenter and not Path(segmenter).exists():
         raise FileNotFoundError(f"segmenter checkpoint {segmenter!r} does not exist")
+    if not segmenter and cfg.guidance.scale > 0 and cfg.guidance.arrangement != "none":
+        # No --segmenter means phi^n (see the CLI help): without this the actors would be given a
+        # guided config and no segmenter, and translate_level raises "guidance ... needs a segmenter".
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, guidance=dataclasses.replace(cfg.guidance, arrangement="none"))
     out.mkdir(parents=True, exist_ok=True)
     common.ensure_data(cfg)
     unet_path = resolve_unet(cfg, unet, out)
