@@ -105,6 +105,7 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
         common.ensure_data(cfg, log)
         ensure_ray(cfg.ray)
         metrics: dict = {"name": cfg.name, "method": cfg.method, "config_hash": rd.config_hash}
+        res0: Optional[dict] = None
         if cfg.method in ("source_only", "oracle", "ptl"):
             stage = "oracle" if cfg.method == "oracle" else "source"
             if not rd.is_done(stage):
@@ -136,6 +137,8 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
             from .stages.zodi import run_zodi_stages
 
             final_ckpt = run_zodi_stages(cfg, rd, metrics, tracker=tracker, log=log)
+        metrics["skipped_samples"] = {**common.skipped_counts(rd.path),
+                                      **({"eval_target_val": res0.get("skipped", 0)} if res0 else {})}
         metrics["wall_s"] = round(time.time() - t0 + rd.state.get("wall_s_before", 0.0), 1)
         metrics["tracking_errors"] = len(tracker.errors)
         atomic_write_json(rd.path / "metrics.json", metrics)

@@ -48,6 +48,22 @@ def load(cfg: ExperimentConfig, domain: str, split: str, labels: bool = True) ->
     )
 
 
+def record_skipped(split: Split, out_dir: Path, name: str) -> None:
+    """With ``data.skip_bad``: write which samples were skipped and why (``<out_dir>/skipped-<name>.json``)."""
+    from ..checkpoints import atomic_write_json
+
+    if split.skipped:
+        atomic_write_json(Path(out_dir) / f"skipped-{name}.json",
+                          [{"id": i, "reason": r} for i, r in split.skipped])
+
+
+def skipped_counts(run_dir: Path) -> dict[str, int]:
+    """How many samples each stage skipped (``data.skip_bad``), from the stages' records."""
+    import json
+
+    return {p.stem[len("skipped-"):]: len(json.loads(p.read_text())) for p in sorted(Path(run_dir).rglob("skipped-*.json"))}
+
+
 def worker_config(loop_config: dict[str, Any]) -> ExperimentConfig:
     """Rebuild the typed config inside a Ray worker (configs travel as plain dicts)."""
     return from_dict(ExperimentConfig, loop_config["config"])

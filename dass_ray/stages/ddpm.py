@@ -94,6 +94,8 @@ def train_ddpm_loop(loop_config: dict) -> None:
     d = cfg.diffusion
 
     split = common.load(cfg, cfg.data.target_domain, cfg.data.target_train_split, labels=False)
+    if rank == 0:
+        common.record_skipped(split, Path(loop_config["run_dir"]), "ddpm_target_train")
     x_all = to_diffusion(split.images)
     if x_all.shape[-1] != d.image_size or x_all.shape[-2] != d.image_size:
         x_all = torch.nn.functional.interpolate(x_all, size=(d.image_size, d.image_size), mode="bilinear",
@@ -197,7 +199,8 @@ def run_ddpm_stage(cfg: ExperimentConfig, run_dir: Path, tracker=None, log: Call
                 log(f"[ddpm] WARNING: {e}; retraining")
                 (out / "done.json").unlink()
         t0 = time.time()
-        common.fit(train_ddpm_loop, {"out_dir": str(out)}, cfg, run_dir, name="ddpm", max_failures=2)
+        common.fit(train_ddpm_loop, {"out_dir": str(out), "run_dir": str(run_dir.resolve())}, cfg, run_dir,
+                   name="ddpm", max_failures=2)
         log(f"[ddpm] trained in {time.time() - t0:.0f}s -> {out / DDPM_FILE}")
     if tracker is not None:
         with tracker.stage("ddpm", {"cache_key": out.name}) as rid:

@@ -42,6 +42,8 @@ def train_source_loop(loop_config: dict) -> None:
     domain, split = ((cfg.data.target_domain, cfg.data.target_train_split) if oracle
                      else (cfg.data.source_domain, cfg.data.source_split))
     data = common.load(cfg, domain, split, labels=True)
+    if rank == 0:
+        common.record_skipped(data, out, f"{'oracle' if oracle else 'source'}_{domain}_{split}")
     torch.manual_seed(cfg.seed)
     raw = build_segmenter(s, cfg.data.num_classes).to(device)
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
