@@ -28,7 +28,7 @@ from .config import ConfigError, ExperimentConfig
 
 class RunDir:
     def __init__(self, path: str | os.PathLike, cfg: ExperimentConfig):
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # Ray workers do not share the driver's working directory
         self.cfg = cfg
         self.config_hash = cfg.hash()
         self.path.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,10 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
     assert (first / "record.json").stat().st_mtime == first_mtime
     state = json.loads((out / "state.json").read_text())
     assert state["runs"]["source"] == 1 and state["runs"]["ddpm"] == 1
+
+
+def test_run_dir_is_absolute(tmp_path, monkeypatch):
+    # Ray workers run elsewhere: every path handed to them must be absolute
+    monkeypatch.chdir(tmp_path)
+    rd = RunDir("runs/x", ExperimentConfig())
+    assert rd.path.is_absolute() and rd.path == (tmp_path / "runs" / "x").resolve()
