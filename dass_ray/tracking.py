@@ -97,7 +97,11 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(self.experiment)
+        location = None
+        if self.uri.startswith("sqlite:"):
+            # with a local store, artifacts go next to it (not into ./mlruns of the working directory)
+            location = (self.run_dir.resolve() / "mlartifacts").as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
 
     # ------------------------------------------------------------------ runs
     def start(self, run_name: str, resume_run_id: Optional[str] = None) -> Optional[str]:

@@ -62,17 +62,15 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 
 from .checkpoints import atomic_write_json, atomic_write_text
 from .config import ConfigError, ExperimentConfig, from_dict
-from .tune_space import Param, SearchSpace, load_space
+from .tune_space import SearchSpace, load_space
 
 # A trial's own function holds no CPU: this is what it asks Ray Tune for instead
 # (Tune 2.60 refuses a request whose every amount is zero).

@@ -60,6 +60,7 @@ def test_sqlite_store_records_parent_child_params_metrics_artifacts(tmp_path, mo
     _exercise(tr, tmp_path)
     assert tr.errors == []
     _check(tr.uri, "track_test")
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the store, not in ./mlruns
 
 
 def test_stage_marks_failed_runs(tmp_path, monkeypatch):
