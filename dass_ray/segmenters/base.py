@@ -20,6 +20,7 @@ through :mod:`dass_ray.checkpoints` (safetensors + sha256). ImageNet backbone we
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import os
@@ -39,7 +40,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Segmenter(nn.Module):
+class Segmenter(nn.Module, metaclass=abc.ABCMeta):
     """Base class: a backbone + a head, evaluated on diffusion-space images.
 
     Subclasses set ``self.backbone`` (the module ImageNet weights load into) and
@@ -75,9 +76,9 @@ class Segmenter(nn.Module):
             return x
         return ((x + 1.0) * 0.5 - self._mean) / self._std
 
+    @abc.abstractmethod
     def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ``x [B, 3, H, W]`` -> (logits [B, C, h, w], feature map [B, D, h', w'])."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """``x [B, 3, H, W]`` in [-1, 1] -> logits ``[B, C, H, W]``
