@@ -80,6 +80,28 @@ class SegTrainer:
             return None
 
 
+def start_training(seg_cfg: SegmenterConfig, num_classes: int, device: torch.device, world: int, seed: int,
+                   resume_from: Path, tag: str) -> tuple[SegTrainer, int]:
+    """Inside a Ray Train worker: build g (DDP when world > 1), its SGD trainer, and resume.
+
+    Returns the trainer and the iteration to start from (0, or the one recorded in
+    ``resume_from`` when that checkpoint exists and verifies).
+    """
+    import ray.train.torch
+
+    from .segmenters import build_segmenter
+
+    torch.manual_seed(seed)
+    raw = build_segmenter(seg_cfg, num_classes).to(device)
+    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
+    trainer = SegTrainer(model, raw, seg_cfg.lr, seg_cfg.momentum, seg_cfg.weight_decay, device)
+    meta = trainer.try_resume(resume_from)
+    start = int(meta["iter"]) if meta else 0
+    if start:
+        print(f"[{tag}] resuming at iteration {start}")
+    return trainer, start
+
+
 def model_state_from(path: Path) -> dict[str, torch.Tensor]:
     """The segmenter weights inside a SegTrainer checkpoint (or a bare state dict)."""
     state = load_state(path)

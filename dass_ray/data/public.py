@@ -284,6 +284,12 @@ def convert_cityscapes(
                           out_root, domain, split, image_size, skip_bad, skipped, img_dir)
 
 
+def _flat_pairs(img_dir: Path, lbl_dir: Path, ids: Optional[Sequence[str]]) -> list[tuple[str, Path, Path]]:
+    """(id, image, label) for datasets storing ``<img_dir>/<id>.png`` beside ``<lbl_dir>/<id>.png``."""
+    names = sorted(p.name[:-4] for p in img_dir.glob("*.png")) if ids is None else list(ids)
+    return [(n, img_dir / f"{n}.png", lbl_dir / f"{n}.png") for n in names]
+
+
 def convert_gta5(
     src_root: str | os.PathLike,
     out_root: str | os.PathLike,
@@ -305,9 +311,7 @@ def convert_gta5(
     img_dir, lbl_dir = src / "images", src / "labels"
     _require_dir(img_dir, "GTA5 image")
     _require_dir(lbl_dir, "GTA5 label")
-    names = sorted(p.name[:-4] for p in img_dir.glob("*.png")) if ids is None else list(ids)
-    pairs = [(n, img_dir / f"{n}.png", lbl_dir / f"{n}.png") for n in names]
-    return _convert_pairs(pairs, lambda lp: CITYSCAPES_LUT[_read_id_label(lp)],
+    return _convert_pairs(_flat_pairs(img_dir, lbl_dir, ids), lambda lp: CITYSCAPES_LUT[_read_id_label(lp)],
                           out_root, domain, split, image_size, skip_bad, skipped, img_dir)
 
 
@@ -332,9 +336,7 @@ def convert_synthia(
     img_dir, lbl_dir = src / "RGB", src / "GT" / "LABELS"
     _require_dir(img_dir, "SYNTHIA RGB")
     _require_dir(lbl_dir, "SYNTHIA GT/LABELS")
-    names = sorted(p.name[:-4] for p in img_dir.glob("*.png")) if ids is None else list(ids)
-    pairs = [(n, img_dir / f"{n}.png", lbl_dir / f"{n}.png") for n in names]
-    return _convert_pairs(pairs, lambda lp: _map(read_synthia_label(lp), SYNTHIA_LUT),
+    return _convert_pairs(_flat_pairs(img_dir, lbl_dir, ids), lambda lp: _map(read_synthia_label(lp), SYNTHIA_LUT),
                           out_root, domain, split, image_size, skip_bad, skipped, img_dir)
 
 

@@ -28,8 +28,7 @@ def train_source_loop(loop_config: dict) -> None:
     from ..data.transforms import PairTransform
     from ..diffusion.schedule import DDPMSchedule
     from ..ray_utils import train_device
-    from ..seg_training import SegTrainer, augment, poly_lr, sample_batch
-    from ..segmenters import build_segmenter
+    from ..seg_training import augment, poly_lr, sample_batch, start_training
 
     cfg = common.worker_config(loop_config)
     out = Path(loop_config["out_dir"])
@@ -44,14 +43,8 @@ def train_source_loop(loop_config: dict) -> None:
     data = common.load(cfg, domain, split, labels=True)
     if rank == 0:
         common.record_skipped(data, out, f"{'oracle' if oracle else 'source'}_{domain}_{split}")
-    torch.manual_seed(cfg.seed)
-    raw = build_segmenter(s, cfg.data.num_classes).to(device)
-    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
-    trainer = SegTrainer(model, raw, s.lr, s.momentum, s.weight_decay, device)
-    meta = trainer.try_resume(out / LAST_FILE)
-    start = int(meta["iter"]) if meta else 0
-    if start:
-        print(f"[source] resuming at iteration {start}")
+    trainer, start = start_training(s, cfg.data.num_classes, device, world, cfg.seed, out / LAST_FILE,
+                                    "oracle" if oracle else "source")
     transform = PairTransform.from_config(cfg.data)
     alphas_cumprod = DDPMSchedule(cfg.diffusion).alphas_cumprod
     max_n = s.augment_max_n or min(cfg.ptl.N, cfg.diffusion.num_train_timesteps)

@@ -499,8 +499,7 @@ def adapt_loop(loop_config: dict) -> None:
 
     from ..data.transforms import PairTransform
     from ..ray_utils import train_device
-    from ..seg_training import SegTrainer, poly_lr
-    from ..segmenters import build_segmenter
+    from ..seg_training import poly_lr, start_training
 
     cfg = common.worker_config(loop_config)
     out = Path(loop_config["out_dir"])
@@ -510,14 +509,7 @@ def adapt_loop(loop_config: dict) -> None:
     device = train_device(cfg.ray.device, cfg.ray.gpus_per_worker)
     s = cfg.segmenter
 
-    torch.manual_seed(cfg.seed)
-    raw = build_segmenter(s, cfg.data.num_classes).to(device)
-    model = ray.train.torch.prepare_model(raw) if world > 1 else raw
-    trainer = SegTrainer(model, raw, s.lr, s.momentum, s.weight_decay, device)
-    meta = trainer.try_resume(out / LAST_FILE)
-    start = int(meta["iter"]) if meta else 0
-    if start:
-        print(f"[zodi] resuming adaptation at iteration {start}")
+    trainer, start = start_training(s, cfg.data.num_classes, device, world, cfg.seed, out / LAST_FILE, "zodi")
     # sizes were applied when reading (data.image_size); crop and flip here, shared by each pair
     transform = PairTransform(crop_size=tuple(cfg.data.crop_size) if cfg.data.crop_size else None,
                               flip=cfg.data.flip, train=True)
