@@ -100,7 +100,7 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
     from dass_ray.guidance.sgg import gsg_step, lcg_loss_batched, lcg_loss_naive, lcg_step
 
     sched = DDPMSchedule(cfg.diffusion)
-    eps = EpsModel(unet)
+    eps = EpsModel(unet, cfg.diffusion.precision)
     scale, C = cfg.guidance.scale, cfg.data.num_classes
     k = 300
     g = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def bench_profile(cfg, unet, seg, x: torch.Tensor, y: torch.Tensor) -> dict:
     from dass_ray.guidance.sgg import gsg_step, lcg_step
 
     sched = DDPMSchedule(cfg.diffusion)
-    eps_inner = EpsModel(unet)
+    eps_inner = EpsModel(unet, cfg.diffusion.precision)
 
     def eps(xx, kk):
         with record_function("unet_forward"):

@@ -82,9 +82,13 @@ class DataConfig:
     skip_bad: bool = False  # skip (and count) unreadable / inconsistent samples instead of failing
     max_samples: Optional[int] = None  # cap per split (toy runs); None = all
     seed: int = 0  # seed for building `digits`
+    # source-val: this many source-train samples (a fixed seeded subset) are held out of every
+    # training path and used to pick checkpoints without target labels (0 = none held out)
+    source_val_holdout: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.source_val_holdout >= 0, "data.source_val_holdout", self.source_val_holdout, "an integer >= 0")
         _check(self.num_classes <= 255, "data.num_classes", self.num_classes, "<= 255 (255 is the ignore label)")
         for name in ("image_size", "crop_size"):
             v = getattr(self, name)
@@ -120,6 +124,11 @@ class DiffusionConfig:
     checkpoint_every: int = 200
     log_every: int = 50
     sample_steps: Optional[int] = None  # reverse steps of phi^n (respaced, Nichol & Dhariwal); None = n (paper)
+    clip_sample: bool = False  # reverse mean from x0_hat clipped to [-1, 1] (False: Eq. 4 exactly)
+    reverse_variance: Literal["auto", "beta", "posterior"] = "auto"  # auto: beta_k (paper), posterior when respaced
+    # UNet arithmetic in training and sampling: bf16 autocast is ~1.7x faster on CPUs with
+    # AVX512-BF16 (and on recent GPUs); the guidance gradient and the schedule stay float32/64
+    precision: Literal["fp32", "bf16"] = "fp32"
     weights: Optional[str] = None  # a local directory with a trained UNet; skips training
     cache_dir: Optional[str] = "runs/_cache/ddpm"  # shared across runs, keyed by (data, DDPM config) hash
 
@@ -210,7 +219,10 @@ class PTLConfig:
 
     Levels n = stride, 2*stride, ..., N. Each level translates
     ``iters_per_level * batch_size`` source images with phi^n + SGG(g_{n-1})
-    and fine-tunes g on them.
+    and fine-tunes g on them as they stream in; ``epochs_per_level`` > 1 then
+    replays the level's translations (kept in memory) that many times in all, so
+    a level makes ``iters_per_level * epochs_per_level`` updates for the price of
+    one translation pass (1 = the paper: each translation used once).
     """
 
     N: int = 600
@@ -222,6 +234,7 @@ class PTLConfig:
     l_src: bool = True  # Eq. 12 second term; False = "L_ada only" (Tab. 3)
     eval_every: int = 1  # evaluate target-val mIoU every k-th level (and always at the last)
     translate_batch_size: int = 32
+    epochs_per_level: int = 1
 
     def __post_init__(self) -> None:
         _check(self.N >= 1, "ptl.N", self.N, "an integer >= 1")
@@ -234,6 +247,11 @@ class PTLConfig:
         _check(0 <= self.momentum < 1, "ptl.momentum", self.momentum, "0 <= momentum < 1")
         _check(self.eval_every >= 1, "ptl.eval_every", self.eval_every, "an integer >= 1")
         _check(self.translate_batch_size >= 1, "ptl.translate_batch_size", self.translate_batch_size, "an integer >= 1")
+        _check(self.epochs_per_level >= 1, "ptl.epochs_per_level", self.epochs_per_level, "an integer >= 1")
+
+    def updates_per_level(self) -> int:
+        """Segmenter updates one level makes (per worker)."""
+        return self.iters_per_level * self.epochs_per_level
 
     def levels(self) -> list[int]:
         """n = s, 2s, ..., and always N last (when N is not a multiple of s)."""
@@ -522,15 +540,43 @@ def absolute_paths(cfg: ExperimentConfig, base: Optional[str | os.PathLike] = No
     return from_dict(ExperimentConfig, d)
 
 
-def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """Load ``path`` (YAML, ``yaml.safe_load``), apply ``--set`` overrides, validate."""
-    p = Path(path)
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """``p`` as a mapping, with ``extends: other.yaml`` (relative to ``p``) merged underneath.
+
+    The child's keys win; sections (mappings) merge key by key, lists and scalars are
+    replaced. Ablation files state only what differs from the experiment they vary.
+    """
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"config file {str(p)!r} does not exist"
+                          + (f" (extended by {str(chain[-1])!r})" if chain else ""))
+    if p.resolve() in chain:
+        raise ConfigError(f"config file {str(p)!r}: 'extends' forms a cycle: "
+                          + " -> ".join(str(c) for c in (*chain, p.resolve())))
     with open(p) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at top level, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"config key 'extends' in {str(p)!r}: got {parent!r}; allowed: a path to a YAML file")
+    base = _read_yaml(p.parent / parent, (*chain, p.resolve()))
+    base.pop("name", None)  # a variant is named after its own file unless it says otherwise
+    return _deep_merge(base, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Load ``path`` (YAML, ``yaml.safe_load``; ``extends:`` merged), apply ``--set`` overrides, validate."""
+    p = Path(path)
+    data = _read_yaml(p)
     data.setdefault("name", p.stem)
     data = apply_overrides(data, overrides or [])
     return from_dict(ExperimentConfig, data)

@@ -88,7 +88,7 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
     from .ray_utils import ensure_ray
     from .stages import common
     from .stages.ddpm import run_ddpm_stage
-    from .stages.source import G0_FILE, run_source_stage
+    from .stages.source import BEST_FILE, EQUAL_FILE, G0_FILE, run_source_stage
 
     from .config import absolute_paths
 
@@ -108,8 +108,11 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
         res0: Optional[dict] = None
         if cfg.method in ("source_only", "oracle", "ptl"):
             stage = "oracle" if cfg.method == "oracle" else "source"
+            # source-only is also run at PTL's budget: the same number of segmenter updates
+            extra = len(cfg.ptl.levels()) * cfg.ptl.updates_per_level() if cfg.method == "source_only" else 0
             if not rd.is_done(stage):
-                run_source_stage(cfg, rd.path, oracle=cfg.method == "oracle", tracker=tracker, log=log)
+                run_source_stage(cfg, rd.path, oracle=cfg.method == "oracle", tracker=tracker, log=log,
+                                 extra_iters=extra)
                 rd.mark_done(stage)
             g0 = rd.path / stage / G0_FILE
             res0 = _stage_eval(rd, f"eval_{stage}", cfg, g0)
@@ -118,6 +121,17 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
             metrics["target_miou"] = res0["miou"]
             metrics["per_class"] = res0["per_class"]
             final_ckpt = g0
+            best = rd.path / stage / BEST_FILE
+            if cfg.method != "oracle" and best.exists():  # checkpoint picked on source-val, no target label read
+                metrics["source_only_best_source_val_miou"] = _stage_eval(rd, "eval_source_best", cfg, best)["miou"]
+                metrics["source_best_iter"] = json.loads((rd.path / stage / "best_source_val.json").read_text())["iter"]
+            if extra:
+                equal = _stage_eval(rd, "eval_source_equal_budget", cfg, rd.path / stage / EQUAL_FILE)
+                metrics["source_only_equal_budget_miou"] = equal["miou"]
+                metrics["target_miou"] = equal["miou"]
+                metrics["per_class"] = equal["per_class"]
+                metrics["segmenter_updates"] = cfg.segmenter.source_iters + extra
+                final_ckpt = rd.path / stage / EQUAL_FILE
         if cfg.method == "ptl":
             from .stages.ptl import run_ptl_stage
 
@@ -170,10 +184,12 @@ def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: d
     # one UNet evaluation per reverse step: n per image at level n (fewer when respaced)
     metrics["unet_evals"] = int(sum(min(n, steps) if steps else n for n in levels) * per_level)
     metrics["translated_images"] = int(len(levels) * per_level)
+    metrics["segmenter_updates"] = cfg.segmenter.source_iters + len(levels) * cfg.ptl.updates_per_level()
     metrics["level_seconds_mean"] = float(np.mean([r["seconds"] for r in records]))
     pics = rd.sub("pictures")
     # Fig. 4: one source image through the intermediate domains
-    probe_id = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)[0]
+    probe_id = common.source_train_ids(cfg, list_ids(common.data_root(cfg), cfg.data.source_domain,
+                                                     cfg.data.source_split))[0]
     img, lbl = read_sample(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split, probe_id,
                            cfg.data.num_classes)
     from PIL import Image

@@ -88,7 +88,7 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
         if segmenter is None:
             raise ValueError(f"guidance (scale {guidance.scale}, arrangement {guidance.arrangement!r}) needs a segmenter")
         check_labels(labels, num_classes)
-    eps_model = EpsModel(unet) if isinstance(unet, torch.nn.Module) else unet
+    eps_model = EpsModel(unet, getattr(schedule, "precision", "fp32")) if isinstance(unet, torch.nn.Module) else unet
     if chain is not schedule:
         eps_model = _Respaced(eps_model, chain.timestep_map)
     module_of_unet = unet if isinstance(unet, torch.nn.Module) else None

@@ -171,3 +171,52 @@ def test_absolute_paths_resolve_against_base(tmp_path):
     assert out.diffusion.cache_dir == str(tmp_path / "runs" / "c")
     assert out.diffusion.weights is None and out.tracking.uri == "http://127.0.0.1:5000"
     assert absolute_paths(out, "/elsewhere") == out  # idempotent
+
+
+def test_extends_merges_sections_and_names_the_variant(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nmethod: ptl\nguidance: {scale: 10.0, arrangement: alternate}\n"
+                                        "ptl: {N: 40, stride: 10}\n")
+    (tmp_path / "var.yaml").write_text("extends: base.yaml\nguidance: {arrangement: none}\n")
+    cfg = load_config(tmp_path / "var.yaml")
+    assert cfg.name == "var" and cfg.guidance.arrangement == "none" and cfg.guidance.scale == 10.0
+    assert cfg.ptl.N == 40 and cfg.ptl.stride == 10
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml.*extended by"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [1]\n")
+    with pytest.raises(ConfigError, match="extends"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_source_val_holdout_is_fixed_and_disjoint():
+    import numpy as np
+
+    from dass_ray.data.layout import Split
+    from dass_ray.stages.common import source_part, source_train_ids
+
+    ids = [f"s{i:04d}" for i in range(50)]
+    split = Split(ids, np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1).repeat(3, -1), np.zeros((50, 1, 1), np.uint8))
+    cfg = ExperimentConfig()
+    cfg.data.source_val_holdout = 8
+    tr, va = source_part(cfg, split, "train"), source_part(cfg, split, "val")
+    assert len(va.ids) == 8 and len(tr.ids) == 42 and not set(tr.ids) & set(va.ids)
+    assert [int(v) for v in va.images[:, 0, 0, 0]] == [int(i[1:]) for i in va.ids]  # images follow their ids
+    assert source_train_ids(cfg, list(reversed(ids))) == list(reversed(tr.ids))
+    cfg.seed = 5  # the run seed does not move the holdout; the data seed does
+    assert source_part(cfg, split, "val").ids == va.ids
+    cfg.data.seed = 1
+    assert source_part(cfg, split, "val").ids != va.ids
+    cfg.data.source_val_holdout = 50
+    with pytest.raises(ValueError, match="source_val_holdout"):
+        source_part(cfg, split, "train")
+    cfg.data.source_val_holdout = 0
+    assert source_part(cfg, split, "train") is split
+    with pytest.raises(ValueError, match="source_val_holdout"):
+        source_part(cfg, split, "val")

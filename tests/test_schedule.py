@@ -191,3 +191,69 @@ def test_ddpm_loss_eq5(sched):
     with torch.no_grad():
         want = torch.mean((unet(sched.q_sample(x0, k, noise), k - 1).sample - noise) ** 2)
     assert l1.item() == pytest.approx(float(want), rel=1e-5)
+
+
+# ---------------------------------------------------------------- clipped mean, posterior variance
+def test_clipped_mean_equals_eq4_when_nothing_is_clipped():
+    cfg = tiny_diffusion_config(num_train_timesteps=T)
+    plain = DDPMSchedule(cfg)
+    clip = DDPMSchedule(cfg.__class__(**{**cfg.__dict__, "clip_sample": True}))
+    torch.manual_seed(0)
+    x0 = torch.rand(3, 3, 4, 4) * 1.6 - 0.8  # inside [-1, 1]
+    eps = torch.randn_like(x0)
+    for k in (1, 7, T):
+        xk = plain.q_sample(x0, k, eps)
+        m1, v1 = plain.p_mean_variance(eps, xk, k)  # eps is the true noise: x0_hat = x0, not clipped
+        m2, v2 = clip.p_mean_variance(eps, xk, k)
+        torch.testing.assert_close(m1, m2, rtol=1e-3, atol=5e-4)  # float32 x0_hat round trip
+        torch.testing.assert_close(v1, v2)
+
+
+def test_clipped_mean_keeps_x0_hat_in_range():
+    cfg = tiny_diffusion_config(num_train_timesteps=T)
+    clip = DDPMSchedule(cfg.__class__(**{**cfg.__dict__, "clip_sample": True}))
+    k = T
+    beta, alpha, abar = _hand(k)
+    _, _, abar_prev = _hand(k - 1)
+    xk = torch.full((1, 3, 2, 2), 5.0)  # x0_hat far above 1 with eps = 0
+    mean, _ = clip.p_mean_variance(torch.zeros_like(xk), xk, k)
+    c0 = math.sqrt(abar_prev) * beta / (1 - abar)
+    ck = math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    torch.testing.assert_close(mean, torch.full_like(xk, c0 * 1.0 + ck * 5.0))
+
+
+def test_posterior_variance_and_auto_on_respaced_chains():
+    cfg = tiny_diffusion_config(num_train_timesteps=T)
+    post = DDPMSchedule(cfg.__class__(**{**cfg.__dict__, "reverse_variance": "posterior"}))
+    x = torch.zeros(1, 3, 2, 2)
+    for k in (2, 9):
+        beta, _, abar = _hand(k)
+        _, _, abar_prev = _hand(k - 1)
+        _, var = post.p_mean_variance(torch.zeros_like(x), x, k)
+        assert float(var.flatten()[0]) == pytest.approx((1 - abar_prev) / (1 - abar) * beta, rel=1e-3)
+    auto = DDPMSchedule(cfg)
+    _, var_full = auto.p_mean_variance(torch.zeros_like(x), x, 5)
+    assert float(var_full.flatten()[0]) == pytest.approx(_hand(5)[0], rel=1e-5)  # the paper's beta_k
+    r = auto.respaced([2, 6, 12])
+    _, var_r = r.p_mean_variance(torch.zeros_like(x), x, 3)
+    beta_r = 1 - _hand(12)[2] / _hand(6)[2]
+    assert float(var_r.flatten()[0]) == pytest.approx((1 - _hand(6)[2]) / (1 - _hand(12)[2]) * beta_r, rel=1e-3)
+    beta_only = DDPMSchedule(cfg.__class__(**{**cfg.__dict__, "reverse_variance": "beta"})).respaced([2, 6, 12])
+    _, var_b = beta_only.p_mean_variance(torch.zeros_like(x), x, 3)
+    assert float(var_b.flatten()[0]) == pytest.approx(beta_r, rel=1e-3)
+
+
+def test_bf16_unet_calls_stay_close_to_fp32():
+    cfg = tiny_diffusion_config(num_train_timesteps=T)
+    unet = tiny_unet(cfg)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    k = torch.tensor([3, T])
+    e32, e16 = EpsModel(unet)(x, k), EpsModel(unet, "bf16")(x, k)
+    assert e16.dtype == torch.float32 and not torch.equal(e32, e16)  # really computed in bf16
+    assert float((e32 - e16).abs().max()) < 0.1 * float(e32.abs().max()) + 1e-3
+    g = torch.Generator().manual_seed(0)
+    loss = ddpm_loss(unet, DDPMSchedule(cfg), x.clamp(-1, 1), g, precision="bf16")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in unet.parameters())

@@ -35,18 +35,32 @@ class EpsModel:
     only, never the UNet (as in Dhariwal & Nichol). ``k`` is the paper's step.
     """
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, precision: str = "fp32") -> None:
         self.unet = unet
+        self.precision = precision
 
     def __call__(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.unet(x, (k - 1).to(x.device)).sample
+        with torch.no_grad(), unet_autocast(x.device, self.precision):
+            return self.unet(x, (k - 1).to(x.device)).sample.to(x.dtype)
+
+
+def unet_autocast(device: torch.device | str, precision: str):
+    """``torch.autocast`` to bfloat16 on ``device``'s type when ``precision == "bf16"`` (else a no-op)."""
+    dev = torch.device(device).type
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 class DDPMSchedule:
     """Linear-beta DDPM schedule of a :class:`DiffusionConfig` (T = num_train_timesteps)."""
 
     def __init__(self, cfg: DiffusionConfig) -> None:
+        # clip_sample: the mean is computed from x0_hat clipped to [-1, 1] (the usual DDPM sampler
+        # practice; without clipping it is Eq. 4 exactly). variance: "beta" (Sigma = beta_k, Sec. 5.1)
+        # or "posterior" (beta~_k = (1 - abar_{k-1}) / (1 - abar_k) beta_k); "auto" = beta on this
+        # chain, posterior on respaced chains, whose large beta' would leave visible noise in the output.
+        self.clip_sample = bool(getattr(cfg, "clip_sample", False))
+        self.precision = getattr(cfg, "precision", "fp32")  # of the UNet calls made through this schedule
+        self.variance = getattr(cfg, "reverse_variance", "auto")
         sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                               beta_end=cfg.beta_end, beta_schedule="linear")
         self.T = cfg.num_train_timesteps
@@ -68,6 +82,9 @@ class DDPMSchedule:
         if ts.ndim != 1 or len(ts) == 0 or bool((ts[1:] <= ts[:-1]).any()) or int(ts[0]) < 1 or int(ts[-1]) > self.T:
             raise ValueError(f"timesteps must be strictly increasing within 1..{self.T}, got {ts.tolist()}")
         new = object.__new__(DDPMSchedule)
+        new.clip_sample = self.clip_sample
+        new.precision = self.precision
+        new.variance = "posterior" if self.variance == "auto" else self.variance
         abar = self.alphas_cumprod[(ts - 1).to(self.alphas_cumprod.device)]
         prev = torch.cat([abar.new_ones(1), abar[:-1]])
         new.T = len(ts)
@@ -115,12 +132,26 @@ class DDPMSchedule:
         """Eq. 4: mu = (x_k - beta_k / sqrt(1 - alphabar_k) eps) / sqrt(alpha_k); var = beta_k.
 
         Returns ``mean [B, C, H, W]`` and ``var [B, 1, 1, 1]`` (Sigma = beta_k I, Sec. 5.1).
+        With ``clip_sample`` the mean is the posterior mean of q(x_{k-1} | x_k, x0_hat) with
+        x0_hat = (x_k - sqrt(1 - alphabar_k) eps) / sqrt(alphabar_k) clipped to [-1, 1] (equal
+        to Eq. 4 when nothing is clipped). With the posterior variance, var = beta~_k.
         """
         idx = self._k(k, x_k.shape[0]) - 1
         beta = self._take(self.betas, idx, x_k)
-        coef = self._take(self.betas / (1.0 - self.alphas_cumprod).sqrt(), idx, x_k)
-        inv_sqrt_alpha = self._take(self.alphas.rsqrt(), idx, x_k)
-        return inv_sqrt_alpha * (x_k - coef * eps), beta
+        abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        if self.variance == "posterior":
+            var = self._take((1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod) * self.betas, idx, x_k)
+        else:
+            var = beta
+        if not self.clip_sample:
+            coef = self._take(self.betas / (1.0 - self.alphas_cumprod).sqrt(), idx, x_k)
+            inv_sqrt_alpha = self._take(self.alphas.rsqrt(), idx, x_k)
+            return inv_sqrt_alpha * (x_k - coef * eps), var
+        abar = self._take(self.alphas_cumprod, idx, x_k)
+        x0 = ((x_k - (1.0 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0)
+        c0 = self._take(abar_prev_all.sqrt() * self.betas / (1.0 - self.alphas_cumprod), idx, x_k)
+        ck = self._take(self.alphas.sqrt() * (1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod), idx, x_k)
+        return c0 * x0 + ck * x_k, var
 
     def p_sample(self, mean: torch.Tensor, var: torch.Tensor, k: Steps, noise: Optional[torch.Tensor]) -> torch.Tensor:
         """x_{k-1} = mean + sqrt(var) noise, with no noise where k = 1 (``noise`` may be None then)."""

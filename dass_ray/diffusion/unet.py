@@ -17,7 +17,7 @@ from diffusers import UNet2DModel
 
 from dass_ray.checkpoints import CheckpointError, load_state, save_state
 from dass_ray.config import DiffusionConfig
-from dass_ray.diffusion.schedule import DDPMSchedule
+from dass_ray.diffusion.schedule import DDPMSchedule, unet_autocast
 
 
 def build_unet(cfg: DiffusionConfig) -> UNet2DModel:
@@ -128,16 +128,18 @@ def load_unet_dir(path: str | Path) -> UNet2DModel:
 
 
 def ddpm_loss(unet: UNet2DModel, schedule: DDPMSchedule, x0: torch.Tensor,
-              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+              generator: Optional[torch.Generator] = None, precision: str = "fp32") -> torch.Tensor:
     """Eq. 5: mean over elements of (eps_theta(x_k, k) - eps)^2, k ~ U{1..T}, eps ~ N(0, I).
 
     ``x0 [B, 3, H, W]`` in [-1, 1]; k and eps are drawn from ``generator`` (on its
-    own device, then moved to ``x0``'s). Returns a scalar tensor.
+    own device, then moved to ``x0``'s). ``precision="bf16"``: the UNet forward under
+    bfloat16 autocast (the loss in float32). Returns a scalar tensor.
     """
     B = x0.shape[0]
     gdev = generator.device if generator is not None else torch.device("cpu")
     k = torch.randint(1, schedule.T + 1, (B,), generator=generator, device=gdev).cpu()
     noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
     x_k = schedule.q_sample(x0, k, noise)
-    pred = unet(x_k, (k - 1).to(x0.device)).sample
-    return F.mse_loss(pred, noise)
+    with unet_autocast(x0.device, precision):
+        pred = unet(x_k, (k - 1).to(x0.device)).sample
+    return F.mse_loss(pred.float(), noise)

@@ -11,6 +11,39 @@ from ..config import ExperimentConfig, from_dict
 from ..data.layout import Split, load_split
 
 
+def source_part(cfg: ExperimentConfig, split: Split, part: str) -> Split:
+    """The ``train`` or ``val`` part of the loaded source split (``data.source_val_holdout``).
+
+    The held-out ``val`` ids are a fixed subset (seeded by ``data.seed``, independent of
+    the run seed), so every run and variant trains on the same ids and picks checkpoints
+    on the same source-val. With no holdout, ``train`` is the whole split.
+    """
+    k = cfg.data.source_val_holdout
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+    if k == 0:
+        if part == "val":
+            raise ValueError("no source-val: set data.source_val_holdout > 0")
+        return split
+    if k >= len(split.ids):
+        raise ValueError(f"data.source_val_holdout = {k} leaves no source training data "
+                         f"({len(split.ids)} samples in {cfg.data.source_domain}/{cfg.data.source_split})")
+    order = sorted(range(len(split.ids)), key=lambda i: split.ids[i])
+    held = set(np.random.default_rng([cfg.data.seed, 41]).permutation(order)[:k].tolist())
+    keep = [i for i in range(len(split.ids)) if (i in held) == (part == "val")]
+    return Split([split.ids[i] for i in keep], split.images[keep],
+                 None if split.labels is None else split.labels[keep], split.skipped if part == "train" else [])
+
+
+def source_train_ids(cfg: ExperimentConfig, ids: list[str]) -> list[str]:
+    """``ids`` (of the source split) minus the held-out source-val ids, order kept."""
+    if cfg.data.source_val_holdout == 0:
+        return list(ids)
+    dummy = Split(list(ids), np.zeros((len(ids), 1, 1, 3), np.uint8), None)
+    keep = set(source_part(cfg, dummy, "train").ids)
+    return [i for i in ids if i in keep]
+
+
 def data_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.root).expanduser().resolve()
 

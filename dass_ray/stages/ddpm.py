@@ -49,7 +49,8 @@ def cache_key(cfg: ExperimentConfig) -> str:
             "digits_seed": cfg.data.seed if cfg.data.dataset == "digits" else None,
         },
         "ddpm": {k: v for k, v in cfg.to_dict()["diffusion"].items()
-                 if k not in ("cache_dir", "log_every", "checkpoint_every", "weights", "sample_steps")},
+                 if k not in ("cache_dir", "log_every", "checkpoint_every", "weights", "sample_steps",
+                               "clip_sample", "reverse_variance")},  # sampling-only keys
         "seed": cfg.seed,
     }
     import hashlib
@@ -137,7 +138,7 @@ def train_ddpm_loop(loop_config: dict) -> None:
             x0 = x0.flip(-1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = ddpm_loss(model, schedule, x0.to(device), gen)
+        loss = ddpm_loss(model, schedule, x0.to(device), gen, precision=d.precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -153,6 +153,7 @@ def ptl_loop(loop_config: dict) -> None:
         first_batch_s: Optional[float] = None
         consistency = ConfusionMatrix(cfg.data.num_classes)
         level_images: list[np.ndarray] = []
+        replay: dict[str, list[np.ndarray]] = {"image": [], "source": [], "label": []}
         for batch in ds.iter_batches(batch_size=cfg.ptl.batch_size, batch_format="numpy"):
             if first_batch_s is None:
                 first_batch_s = time.time() - t_level
@@ -164,6 +165,9 @@ def ptl_loop(loop_config: dict) -> None:
                 raw.eval()
                 consistency.update(raw(x_t.to(device)).argmax(1).cpu().numpy(), batch["label"])
             level_images.append(batch["image"])
+            if cfg.ptl.epochs_per_level > 1:
+                for key in replay:
+                    replay[key].append(batch[key])
             parts = trainer.step_pair(x_t, x_s, y, l_src=cfg.ptl.l_src,
                                       similarity_weight=cfg.segmenter.similarity_weight)
             losses.append(parts["loss"])
@@ -179,6 +183,9 @@ def ptl_loop(loop_config: dict) -> None:
         consumed = len(buf_rows["id"])
         if consumed != per_level or set(buf_rows["level"]) != {n}:
             raise RuntimeError(f"level {n} (rank {rank}): got {consumed} translated images of {per_level}")
+        if cfg.ptl.epochs_per_level > 1:  # replay the level's translations (no new UNet work)
+            losses += _replay(trainer, {k: np.concatenate(v) for k, v in replay.items()}, cfg,
+                              common.seeded_rng(cfg.seed, n, rank, 11))
         # ---- level n complete on this worker
         d = level_dir(run_dir, n)
         d.mkdir(parents=True, exist_ok=True)
@@ -205,6 +212,29 @@ def ptl_loop(loop_config: dict) -> None:
                   + f" ({record['seconds']:.1f}s)")
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         prev_ckpt = str(d / SEG_FILE)
+
+
+def _replay(trainer, pool: dict[str, np.ndarray], cfg: ExperimentConfig, rng: np.random.Generator) -> list[float]:
+    """``epochs_per_level - 1`` more shuffled epochs of L_ft over a level's translations.
+
+    ``pool``: ``image`` / ``source`` uint8 ``[M, H, W, 3]``, ``label`` ``[M, H, W]``.
+    Same batch size and loss as the streamed epoch; returns the step losses.
+    """
+    import torch
+
+    from ..data.transforms import to_diffusion
+
+    losses = []
+    m, b = len(pool["image"]), cfg.ptl.batch_size
+    for _ in range(cfg.ptl.epochs_per_level - 1):
+        order = rng.permutation(m)
+        for s in range(0, m - b + 1, b):
+            j = order[s:s + b]
+            parts = trainer.step_pair(to_diffusion(pool["image"][j]), to_diffusion(pool["source"][j]),
+                                      torch.from_numpy(pool["label"][j].astype(np.int64)), l_src=cfg.ptl.l_src,
+                                      similarity_weight=cfg.segmenter.similarity_weight)
+            losses.append(parts["loss"])
+    return losses
 
 
 class _LevelLogger(threading.Thread):
@@ -250,6 +280,7 @@ def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path
     source_ids = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)
     if cfg.data.max_samples:
         source_ids = source_ids[: cfg.data.max_samples]
+    source_ids = common.source_train_ids(cfg, source_ids)  # never the held-out source-val
     log(f"[ptl] levels {todo[0]}..{todo[-1]} ({len(todo)} to run, {len(finished)} done), "
         f"{cfg.ptl.iters_per_level * cfg.ptl.batch_size} images per level per worker")
     logger = None

@@ -19,6 +19,8 @@ from . import common
 
 G0_FILE = "g0.safetensors"
 LAST_FILE = "last.safetensors"
+BEST_FILE = "best_source_val.safetensors"  # the checkpoint with the best source-val mIoU
+EQUAL_FILE = "source_equal_budget.safetensors"  # source-only continued for the PTL budget
 
 
 def train_source_loop(loop_config: dict) -> None:
@@ -27,6 +29,8 @@ def train_source_loop(loop_config: dict) -> None:
 
     from ..data.transforms import PairTransform
     from ..diffusion.schedule import DDPMSchedule
+    from ..evaluation import evaluate
+    from ..metrics import PROTOCOLS
     from ..ray_utils import train_device
     from ..seg_training import augment, poly_lr, sample_batch, start_training
 
@@ -43,6 +47,18 @@ def train_source_loop(loop_config: dict) -> None:
     data = common.load(cfg, domain, split, labels=True)
     if rank == 0:
         common.record_skipped(data, out, f"{'oracle' if oracle else 'source'}_{domain}_{split}")
+    sval = None
+    if not oracle:
+        if cfg.data.source_val_holdout and rank == 0:
+            sval = common.source_part(cfg, data, "val")
+        data = common.source_part(cfg, data, "train")
+    # source-only at the PTL budget: after the source schedule (g_0), the same number of
+    # updates as PTL makes, with PTL's lr and batch size, on source only
+    extra = int(loop_config.get("extra_iters", 0))
+    total = s.source_iters + extra
+    classes = PROTOCOLS[cfg.data.protocol].classes
+    best_path = out / "best_source_val.json"
+    best = json.loads(best_path.read_text()) if (best_path.exists() and start) else {"iter": None, "miou": -1.0}
     trainer, start = start_training(s, cfg.data.num_classes, device, world, cfg.seed, out / LAST_FILE,
                                     "oracle" if oracle else "source")
     transform = PairTransform.from_config(cfg.data)
@@ -53,43 +69,64 @@ def train_source_loop(loop_config: dict) -> None:
     gen = torch.Generator()
     running, count, t0 = 0.0, 0, time.time()
     every = max(1, s.source_iters // 20)
-    for it in range(start, s.source_iters):
+    for it in range(start, total):
         rng = common.seeded_rng(cfg.seed, it, rank)
         gen.manual_seed(int(rng.integers(2**31)))
-        x, y = sample_batch(data.images, data.labels, s.batch_size, rng, transform)
-        x, y = augment(x, y, s, max_n, alphas_cumprod, gen)
-        trainer.set_lr(poly_lr(s.lr, it, s.source_iters))
+        if it < s.source_iters:
+            x, y = sample_batch(data.images, data.labels, s.batch_size, rng, transform)
+            x, y = augment(x, y, s, max_n, alphas_cumprod, gen)
+            trainer.set_lr(poly_lr(s.lr, it, s.source_iters))
+        else:
+            x, y = sample_batch(data.images, data.labels, cfg.ptl.batch_size, rng, transform)
+            trainer.set_lr(cfg.ptl.lr)
         running += trainer.step_source(x, y)["loss"]
         count += 1
         done = it + 1
-        if done % every == 0 or done == s.source_iters:
+        if done % every == 0 or done in (s.source_iters, total):
             rec = {"iter": done, "loss": running / count, "s": time.time() - t0}
             running, count = 0.0, 0
             if rank == 0:
+                if sval is not None:
+                    rec["source_val_miou"] = evaluate(trainer.raw, sval.images, sval.labels, cfg.data.num_classes,
+                                                      s.eval_batch_size, device).miou(classes)
+                    if rec["source_val_miou"] > best["miou"]:
+                        trainer.save(out / BEST_FILE, {"iter": done})
+                        best = {"iter": done, "miou": rec["source_val_miou"]}
+                        atomic_write_json(best_path, best)
                 history.append(rec)
-                print(f"[{'oracle' if oracle else 'source'}] iter {done}/{s.source_iters} loss {rec['loss']:.4f}")
+                print(f"[{'oracle' if oracle else 'source'}] iter {done}/{total} loss {rec['loss']:.4f}"
+                      + (f" source-val mIoU {rec['source_val_miou']:.1f}" if sval is not None else ""))
+                if done == s.source_iters:
+                    trainer.save(out / G0_FILE, {"iter": s.source_iters, "oracle": oracle})
                 trainer.save(out / LAST_FILE, {"iter": done})
                 atomic_write_json(history_path, history)
     if rank == 0:
-        trainer.save(out / G0_FILE, {"iter": s.source_iters, "oracle": oracle})
+        if extra:
+            trainer.save(out / EQUAL_FILE, {"iter": total})
         atomic_write_json(history_path, history)
     # one report at the end: each ray.train.report costs ~1.6 s here; the loss curve is on disk
-    ray.train.report({"iter": s.source_iters, "loss": history[-1]["loss"] if history else float("nan")})
+    ray.train.report({"iter": total, "loss": history[-1]["loss"] if history else float("nan")})
 
 
 def run_source_stage(cfg: ExperimentConfig, run_dir: Path, oracle: bool = False, tracker=None,
-                     log: Callable[[str], None] = print) -> Path:
-    """Train g_0 (or the oracle) unless the run already has it; return its checkpoint."""
+                     log: Callable[[str], None] = print, extra_iters: int = 0) -> Path:
+    """Train g_0 (or the oracle) unless the run already has it; return its checkpoint.
+
+    ``extra_iters``: continue on source only for that many updates after g_0 (the
+    source-only baseline at PTL's budget, saved as ``EQUAL_FILE``).
+    """
     name = "oracle" if oracle else "source"
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    common.fit(train_source_loop, {"out_dir": str(out.resolve()), "oracle": oracle}, cfg, run_dir, name=name,
+    common.fit(train_source_loop, {"out_dir": str(out.resolve()), "oracle": oracle, "extra_iters": extra_iters}, cfg, run_dir, name=name,
                max_failures=2)
     log(f"[{name}] trained in {time.time() - t0:.0f}s -> {out / G0_FILE}")
     if tracker is not None:
         with tracker.stage(name) as rid:
             hist_path = out / "loss_history.json"
             for h in json.loads(hist_path.read_text()) if hist_path.exists() else []:
-                tracker.log_metrics({f"{name}_loss": h["loss"]}, step=h["iter"], run_id=rid)
+                tracker.log_metrics({f"{name}_loss": h["loss"],
+                                     **({"source_val_miou": h["source_val_miou"]} if "source_val_miou" in h else {})},
+                                    step=h["iter"], run_id=rid)
     return out / G0_FILE
