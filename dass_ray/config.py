@@ -196,6 +196,9 @@ class SegmenterConfig:
     augment_max_n: Optional[int] = None  # largest n for the noisy copies; None = ptl.N
     similarity_weight: float = 0.0  # ZoDi Eq. 8 lambda (1 - cos) between source and translated features
     eval_batch_size: int = 100
+    # g_0 (and the oracle) shared across runs, keyed by (data, this section, schedule, seed):
+    # ablations, seeds' variants and Tune trials with the same source training reuse it
+    cache_dir: Optional[str] = "runs/_cache/source"
 
     def __post_init__(self) -> None:
         _check(self.width >= 4, "segmenter.width", self.width, "an integer >= 4")
@@ -535,6 +538,7 @@ def absolute_paths(cfg: ExperimentConfig, base: Optional[str | os.PathLike] = No
     d = cfg.to_dict()
     d["data"]["root"] = fix(d["data"]["root"])
     for sec, key in (("diffusion", "weights"), ("diffusion", "cache_dir"), ("segmenter", "pretrained"),
+                     ("segmenter", "cache_dir"),
                      ("zodi", "base_model"), ("zodi", "controlnet"), ("zodi", "class_palette")):
         d[sec][key] = fix(d[sec][key])
     return from_dict(ExperimentConfig, d)

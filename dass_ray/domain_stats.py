@@ -68,3 +68,53 @@ def feature_distance(images: np.ndarray, reference: np.ndarray) -> float:
     fa, fb = image_features(images), image_features(reference)
     sd = np.concatenate([fa, fb]).std(0) + 1e-6
     return float(np.linalg.norm((fa.mean(0) - fb.mean(0)) / sd))
+
+
+@dataclass
+class DomainGap:
+    """Fréchet distance (as in FID, on :func:`image_features` instead of Inception features).
+
+    Fitted once on source and target-train images, then frozen: the features are
+    standardised with the pooled statistics of those two sets, so distances of
+    different image sets are on one scale. ``distances(images)`` gives the distance
+    to the target and to the source set: a translation that crosses the gap has
+    ``to_target < to_source`` (source images themselves sit at ~0 from the source).
+    Unlike the classifier's score it does not saturate at 1 once images leave the
+    source; it keeps measuring how far from the target they are. Needs >= 2 images.
+    """
+
+    mu: np.ndarray
+    sd: np.ndarray
+    source_stats: tuple[np.ndarray, np.ndarray]
+    target_stats: tuple[np.ndarray, np.ndarray]
+
+    @staticmethod
+    def _stats(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(z) < 2:
+            raise ValueError(f"the Fréchet distance needs at least 2 images, got {len(z)}")
+        # a small ridge: constant features (e.g. the empty histogram bins of black backgrounds)
+        # make the covariance singular and its square root ill-defined
+        return z.mean(0), np.cov(z, rowvar=False) + 1e-4 * np.eye(z.shape[1])
+
+    @classmethod
+    def fit(cls, source: np.ndarray, target: np.ndarray) -> "DomainGap":
+        fs, ft = image_features(source), image_features(target)
+        f = np.concatenate([fs, ft])
+        mu, sd = f.mean(0), f.std(0) + 1e-6
+        return cls(mu, sd, cls._stats((fs - mu) / sd), cls._stats((ft - mu) / sd))
+
+    @staticmethod
+    def frechet(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+        """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2))."""
+        from scipy import linalg
+
+        (ma, ca), (mb, cb) = a, b
+        covmean = linalg.sqrtm(ca @ cb)
+        if np.iscomplexobj(covmean):
+            covmean = covmean.real
+        return float(max(0.0, ((ma - mb) ** 2).sum() + np.trace(ca + cb - 2.0 * covmean)))
+
+    def distances(self, images: np.ndarray) -> dict[str, float]:
+        """``{"to_target": ..., "to_source": ...}`` for uint8 ``[N, H, W, 3]`` images (N >= 2)."""
+        s = self._stats((image_features(images) - self.mu) / self.sd)
+        return {"to_target": self.frechet(s, self.target_stats), "to_source": self.frechet(s, self.source_stats)}

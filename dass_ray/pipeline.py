@@ -141,10 +141,11 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
             unet_path = Path(rd.record("ddpm")["unet"])
             if not rd.is_done("ddpm_samples"):
                 grid_png = _sample_grid_remote(cfg, unet_path, rd.sub("pictures") / "ddpm_samples.png")
-                scores = json.loads(grid_png.with_suffix(".json").read_text())["target_score"]
+                stats = json.loads(grid_png.with_suffix(".json").read_text())
                 tracker.log_artifact(grid_png, "pictures")
-                rd.mark_done("ddpm_samples", {"target_score": scores})
+                rd.mark_done("ddpm_samples", {"target_score": stats["target_score"], "frechet": stats["frechet"]})
             metrics["ddpm_target_score"] = rd.record("ddpm_samples")["target_score"]
+            metrics["ddpm_frechet"] = rd.record("ddpm_samples").get("frechet")
             levels = run_ptl_stage(cfg, rd.path, unet_path, g0, tracker=tracker, log=log, fail_after=fail_after)
             final_ckpt = _finish_ptl(cfg, rd, levels, metrics, res0, tracker)
         if cfg.method == "zodi":

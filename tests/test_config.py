@@ -220,3 +220,22 @@ def test_source_val_holdout_is_fixed_and_disjoint():
     assert source_part(cfg, split, "train") is split
     with pytest.raises(ValueError, match="source_val_holdout"):
         source_part(cfg, split, "val")
+
+
+def test_digits_variants_share_the_budget_of_the_demo():
+    """Fair protocol (issue 8): every digits variant has g_0's schedule and PTL's number of updates and translations."""
+    ref = load_config(ROOT / "experiments" / "digits_ptl.yaml")
+
+    def budget(c):
+        return (len(c.ptl.levels()) * c.ptl.updates_per_level(),
+                len(c.ptl.levels()) * c.ptl.iters_per_level * c.ptl.batch_size)
+
+    for path in sorted((ROOT / "experiments").glob("digits_*.yaml")):
+        if path.stem in ("digits_smoke", "digits_oracle"):
+            continue
+        c = load_config(path)
+        assert (c.segmenter.source_iters, c.segmenter.lr, c.segmenter.batch_size, c.seed) == (
+            ref.segmenter.source_iters, ref.segmenter.lr, ref.segmenter.batch_size, ref.seed), path.name
+        assert budget(c) == budget(ref), path.name
+        assert c.ptl.N == ref.ptl.N and c.ptl.lr == ref.ptl.lr and c.diffusion == ref.diffusion, path.name
+        assert c.data.source_val_holdout == ref.data.source_val_holdout, path.name

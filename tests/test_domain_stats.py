@@ -67,3 +67,18 @@ def test_feature_distance_sanity(digits):
     assert feature_distance(tgt[300:450], a) == pytest.approx(d_cross, rel=1e-6)  # symmetric
     half = _blend(a, tgt[300:450], 0.5)
     assert feature_distance(half, tgt[450:600]) < feature_distance(a, tgt[450:600])
+
+
+def test_frechet_gap_orders_domains_and_blends(digits):
+    from dass_ray.domain_stats import DomainGap
+
+    gap = DomainGap.fit(digits["src"][:300], digits["tgt"][:300])
+    src_held, tgt_held = digits["src"][300:400], digits["tgt"][300:400]
+    d_src, d_tgt = gap.distances(src_held), gap.distances(tgt_held)
+    assert d_src["to_source"] < d_src["to_target"] and d_tgt["to_target"] < d_tgt["to_source"]
+    assert gap.distances(digits["val"][:100])["to_target"] < d_src["to_target"] / 3
+    # halfway blends sit between; more target in the blend -> closer to the target, monotonically
+    dists = [gap.distances(_blend(src_held, tgt_held, a))["to_target"] for a in (0.0, 0.3, 0.6, 1.0)]
+    assert dists == sorted(dists, reverse=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        gap.distances(src_held[:1])

@@ -90,6 +90,13 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
     assert 0 <= m["target_miou"] <= 100 and len(m["per_class"]) == 11
     assert {"source", "target"} <= set(m["ddpm_target_score"])
     assert all(0 <= lv["target_score"] <= 1 and 0 <= lv["consistency_miou"] <= 100 for lv in m["levels"])
+    # each level streams its translations once, then replays them (epochs_per_level)
+    assert all(lv["iters"] == cfg.ptl.updates_per_level() for lv in m["levels"])
+    assert m["segmenter_updates"] == cfg.segmenter.source_iters + len(cfg.ptl.levels()) * cfg.ptl.updates_per_level()
+    # g_0's best checkpoint picked on the held-out source-val, never on target labels
+    assert 0 <= m["source_only_best_source_val_miou"] <= 100 and 1 <= m["source_best_iter"] <= cfg.segmenter.source_iters
+    hist = json.loads((out / "source" / "loss_history.json").read_text())
+    assert all("source_val_miou" in h for h in hist)
     for f in ("intermediate_domains.png", "miou_vs_level.png", "translation_vs_level.png", "per_class_iou.csv",
               "ddpm_samples.png"):
         assert (out / "pictures" / f).exists(), f
@@ -116,6 +123,32 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
     assert (first / "record.json").stat().st_mtime == first_mtime
     state = json.loads((out / "state.json").read_text())
     assert state["runs"]["source"] == 1 and state["runs"]["ddpm"] == 1
+
+
+@pytest.mark.slow
+def test_source_only_is_reported_at_ptl_budget_with_a_shared_g0(ray_local, digits_root, tmp_path):
+    cache = tmp_path / "g0cache"
+    overrides = [f"data.root={digits_root}", "method=source_only", f"segmenter.cache_dir={cache}"]
+    flags = [a for o in overrides for a in ("--set", o)]
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "a"), *flags]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    cfg = load_config(SMOKE, overrides)
+    extra = len(cfg.ptl.levels()) * cfg.ptl.updates_per_level()
+    assert m["segmenter_updates"] == cfg.segmenter.source_iters + extra
+    assert m["target_miou"] == m["source_only_equal_budget_miou"]
+    assert {"source_only_miou", "source_only_best_source_val_miou"} <= set(m)
+    hist = json.loads((tmp_path / "a" / "source" / "loss_history.json").read_text())
+    assert hist[-1]["iter"] == cfg.segmenter.source_iters + extra
+    # g_0 went to the cache at its own schedule's end; a second run reuses it, trains only the extra updates
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    cached_hist = json.loads((entry / "loss_history.json").read_text())
+    assert cached_hist[-1]["iter"] == cfg.segmenter.source_iters
+    stamp = (entry / "g0.safetensors").stat().st_mtime
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "b"), *flags]) == 0
+    m2 = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (entry / "g0.safetensors").stat().st_mtime == stamp
+    assert m2["source_only_miou"] == m["source_only_miou"]  # the same g_0
+    assert m2["source_only_equal_budget_miou"] == pytest.approx(m["source_only_equal_budget_miou"], abs=1e-6)
 
 
 def test_run_dir_is_absolute(tmp_path, monkeypatch):

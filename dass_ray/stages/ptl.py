@@ -134,11 +134,12 @@ def ptl_loop(loop_config: dict) -> None:
     # domain classifier fitted on source vs target-train *images* (no target labels read).
     clf = None
     if rank == 0:
-        from ..domain_stats import DomainClassifier
+        from ..domain_stats import DomainClassifier, DomainGap
 
         src_imgs = common.load(cfg, cfg.data.source_domain, cfg.data.source_split, labels=False).images
         tgt_imgs = common.load(cfg, cfg.data.target_domain, cfg.data.target_train_split, labels=False).images
         clf = DomainClassifier.fit(src_imgs[:500], tgt_imgs[:500], seed=cfg.seed)
+        gap = DomainGap.fit(src_imgs[:500], tgt_imgs[:500])
         del src_imgs, tgt_imgs
 
     for li, n in enumerate(levels):
@@ -197,6 +198,9 @@ def ptl_loop(loop_config: dict) -> None:
                   "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes))}
         if clf is not None:
             record["target_score"] = clf.target_score(np.concatenate(level_images))
+            if consumed >= 2:
+                fd = gap.distances(np.concatenate(level_images))
+                record["frechet_to_target"], record["frechet_to_source"] = fd["to_target"], fd["to_source"]
         if rank == 0:
             last = li == len(levels) - 1
             if last or (li + 1) % cfg.ptl.eval_every == 0:
@@ -254,7 +258,8 @@ class _LevelLogger(threading.Thread):
             rec = json.loads((level_dir(self.run_dir, n) / "record.json").read_text())
             m = {"ptl_loss": rec["loss"], "level_seconds": rec["seconds"],
                  "consistency_miou": rec.get("consistency_miou", float("nan")),
-                 "target_score": rec.get("target_score", float("nan"))}
+                 "target_score": rec.get("target_score", float("nan")),
+                 "frechet_to_target": rec.get("frechet_to_target", float("nan"))}
             if "target_miou" in rec:
                 m["target_miou"] = rec["target_miou"]
             self.tracker.log_metrics(m, step=n, run_id=self.run_id)

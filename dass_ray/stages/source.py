@@ -58,10 +58,10 @@ def train_source_loop(loop_config: dict) -> None:
     total = s.source_iters + extra
     classes = PROTOCOLS[cfg.data.protocol].classes
     best_path = out / "best_source_val.json"
-    best = json.loads(best_path.read_text()) if (best_path.exists() and start) else {"iter": None, "miou": -1.0}
     trainer, start = start_training(s, cfg.data.num_classes, device, world, cfg.seed, out / LAST_FILE,
                                     "oracle" if oracle else "source")
     transform = PairTransform.from_config(cfg.data)
+    best = json.loads(best_path.read_text()) if (best_path.exists() and start) else {"iter": None, "miou": -1.0}
     alphas_cumprod = DDPMSchedule(cfg.diffusion).alphas_cumprod
     max_n = s.augment_max_n or min(cfg.ptl.N, cfg.diffusion.num_train_timesteps)
     history_path = out / "loss_history.json"
@@ -108,20 +108,63 @@ def train_source_loop(loop_config: dict) -> None:
     ray.train.report({"iter": total, "loss": history[-1]["loss"] if history else float("nan")})
 
 
+def cache_key(cfg: ExperimentConfig, oracle: bool) -> str:
+    """Hash of what determines g_0 (or the oracle): data, segmenter section, augmentation schedule, seed."""
+    import hashlib
+
+    seg = {k: v for k, v in cfg.to_dict()["segmenter"].items()
+           if k not in ("cache_dir", "eval_batch_size", "similarity_weight")}
+    d = cfg.data
+    ident = {
+        "data": {"dataset": d.dataset, "root": str(common.data_root(cfg)), "image_size": d.image_size,
+                 "crop_size": d.crop_size, "flip": d.flip, "max_samples": d.max_samples, "skip_bad": d.skip_bad,
+                 "digits_seed": d.seed if d.dataset == "digits" else None,
+                 "split": [d.target_domain, d.target_train_split] if oracle else [d.source_domain, d.source_split],
+                 "source_val_holdout": d.source_val_holdout, "protocol": d.protocol, "num_classes": d.num_classes},
+        "segmenter": seg,
+        # the App. C noisy copies use the DDPM schedule up to augment_max_n (default ptl.N)
+        "augment": [cfg.diffusion.num_train_timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end,
+                    cfg.segmenter.augment_max_n or min(cfg.ptl.N, cfg.diffusion.num_train_timesteps)],
+        "seed": cfg.seed, "oracle": oracle,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_source_stage(cfg: ExperimentConfig, run_dir: Path, oracle: bool = False, tracker=None,
                      log: Callable[[str], None] = print, extra_iters: int = 0) -> Path:
     """Train g_0 (or the oracle) unless the run already has it; return its checkpoint.
 
-    ``extra_iters``: continue on source only for that many updates after g_0 (the
-    source-only baseline at PTL's budget, saved as ``EQUAL_FILE``).
+    With ``segmenter.cache_dir`` the trained g_0 comes from (or goes to) the cache entry
+    of :func:`cache_key`, and its files are copied into the run. ``extra_iters``: continue
+    on source only for that many updates after g_0 (the source-only baseline at PTL's
+    budget, saved as ``EQUAL_FILE``), from g_0's checkpoint with its optimizer state.
     """
+    import shutil
+
+    from .ddpm import _lock
+
     name = "oracle" if oracle else "source"
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    common.fit(train_source_loop, {"out_dir": str(out.resolve()), "oracle": oracle, "extra_iters": extra_iters}, cfg, run_dir, name=name,
-               max_failures=2)
-    log(f"[{name}] trained in {time.time() - t0:.0f}s -> {out / G0_FILE}")
+    if cfg.segmenter.cache_dir and not (out / G0_FILE).exists():
+        entry = Path(cfg.segmenter.cache_dir).expanduser().resolve() / cache_key(cfg, oracle)
+        entry.mkdir(parents=True, exist_ok=True)
+        with _lock(entry / ".lock"):
+            if not (entry / "done.json").exists():
+                common.fit(train_source_loop, {"out_dir": str(entry), "oracle": oracle, "extra_iters": 0}, cfg,
+                           run_dir, name=name, max_failures=2)
+                atomic_write_json(entry / "done.json", {"iters": cfg.segmenter.source_iters, "time": time.time()})
+                log(f"[{name}] trained in {time.time() - t0:.0f}s -> cache {entry}")
+            else:
+                log(f"[{name}] reusing the cached g_0 {entry}")
+            for f in entry.iterdir():  # checksummed files travel with their .sha256
+                if f.is_file() and f.name not in (".lock", "done.json"):
+                    shutil.copy2(f, out / f.name)
+    if not (out / G0_FILE).exists() or extra_iters:
+        common.fit(train_source_loop, {"out_dir": str(out.resolve()), "oracle": oracle, "extra_iters": extra_iters},
+                   cfg, run_dir, name=name, max_failures=2)
+        log(f"[{name}] trained in {time.time() - t0:.0f}s -> {out / G0_FILE}")
     if tracker is not None:
         with tracker.stage(name) as rid:
             hist_path = out / "loss_history.json"
