@@ -129,6 +129,9 @@ class DiffusionConfig:
     # UNet arithmetic in training and sampling: bf16 autocast is ~1.7x faster on CPUs with
     # AVX512-BF16 (and on recent GPUs); the guidance gradient and the schedule stay float32/64
     precision: Literal["fp32", "bf16"] = "fp32"
+    # the DDPM's training seed: the trained model is cached by (data, this section), so runs
+    # with other run seeds (ablation seeds, Tune trials) share one DDPM
+    seed: int = 0
     weights: Optional[str] = None  # a local directory with a trained UNet; skips training
     cache_dir: Optional[str] = "runs/_cache/ddpm"  # shared across runs, keyed by (data, DDPM config) hash
 

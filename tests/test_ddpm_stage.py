@@ -173,3 +173,16 @@ def test_corrupted_last_checkpoint_is_reported_and_training_restarts(digits_root
             break
         time.sleep(0.5)
     assert "cannot resume" in seen and "corrupted" in seen, seen[-2000:]
+
+
+def test_ddpm_cache_is_shared_across_run_seeds_not_ddpm_seeds(tmp_path):
+    from dass_ray.stages.ddpm import cache_key
+
+    base = ExperimentConfig()
+    other_run_seed = ExperimentConfig(seed=3)
+    other_ddpm_seed = ExperimentConfig()
+    other_ddpm_seed.diffusion.seed = 1
+    sampling_only = ExperimentConfig()
+    sampling_only.diffusion.sample_steps, sampling_only.diffusion.clip_sample = 7, True
+    assert cache_key(base) == cache_key(other_run_seed) == cache_key(sampling_only)
+    assert cache_key(base) != cache_key(other_ddpm_seed)

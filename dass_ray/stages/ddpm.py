@@ -51,8 +51,7 @@ def cache_key(cfg: ExperimentConfig) -> str:
         "ddpm": {k: v for k, v in cfg.to_dict()["diffusion"].items()
                  if k not in ("cache_dir", "log_every", "checkpoint_every", "weights", "sample_steps",
                                "clip_sample", "reverse_variance")},  # sampling-only keys
-        "seed": cfg.seed,
-    }
+    }  # the run seed is not in the key: the DDPM is a dataset-level model (its own seed is diffusion.seed)
     import hashlib
 
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -102,7 +101,7 @@ def train_ddpm_loop(loop_config: dict) -> None:
         x_all = torch.nn.functional.interpolate(x_all, size=(d.image_size, d.image_size), mode="bilinear",
                                                 antialias=True, align_corners=False)
     schedule = DDPMSchedule(d)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(d.seed)
     unet = build_unet(d)
     ema = EMA(unet, d.ema_decay)
     opt = torch.optim.Adam(unet.parameters(), lr=d.lr)
@@ -131,7 +130,7 @@ def train_ddpm_loop(loop_config: dict) -> None:
     running = 0.0
     count = 0
     for step in range(start, d.train_steps):
-        gen.manual_seed(hash((cfg.seed, step, rank)) & 0xFFFFFFFF)
+        gen.manual_seed(hash((d.seed, step, rank)) & 0xFFFFFFFF)
         idx = torch.randint(0, x_all.shape[0], (d.batch_size,), generator=gen)
         x0 = x_all[idx]
         if torch.rand((), generator=gen) < 0.5:  # horizontal flip: free augmentation for a DDPM
