@@ -6,10 +6,13 @@ Each variant is an experiment file in ``experiments/`` run with ``dass-ray run``
 (``dass_ray.pipeline.run``) and ``--set seed=S``; runs are resumable (an interrupted
 benchmark re-run skips finished runs). The JSON holds every run's metrics; ``--readme``
 rewrites the table between the markers ``<!-- ablation:begin -->`` / ``<!-- ablation:end -->``
-in README.md from the JSON. Every variant of one seed shares the source-training schedule
-and the number of fine-tuning updates (the configs are written that way: 4 levels x 10
-iterations = one level x 40 iterations); the oracle is an upper bound trained on
-target-train labels.
+in README.md from the JSON. Fair protocol (issue 8): every variant of one seed shares g_0
+(the same source schedule; cached) and the number of segmenter updates and translations
+(the configs extend ``digits_ptl.yaml``; ``tests/test_config.py`` checks the budgets);
+source-only is reported at that budget (``source_only_equal_budget_miou``, its
+``target_miou``), at g_0, and at its best checkpoint by source-val (held-out source images,
+no target label read). The summary pairs full PTL with source-only and with w/o SGG by
+seed. The oracle is an upper bound trained on target-train labels.
 """
 from __future__ import annotations
 
@@ -41,17 +44,66 @@ VARIANTS = [
 ]
 
 
+KEYS = ("target_miou", "source_only_miou", "source_only_equal_budget_miou", "source_only_best_source_val_miou",
+        "oracle_miou", "segmenter_updates", "translated_images", "unet_evals", "wall_s")
+
+
+def _ms(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.1f} ± {sd:.1f}"
+
+
+def _by_seed(results: dict, name: str, key: str = "target_miou") -> dict[int, float]:
+    return {r["seed"]: r[key] for r in results.get(name, {}).get("runs", []) if r.get(key) is not None}
+
+
+def summary(results: dict) -> dict:
+    """The issue-8 figures: paired gains over source-only (equal budget) and over w/o SGG, gap closed."""
+    full, so = _by_seed(results, "digits_ptl"), _by_seed(results, "digits_source_only")
+    wo = _by_seed(results, "digits_ablation_wo_sgg")
+    orc = _by_seed(results, "digits_oracle")
+    out: dict = {}
+    common = sorted(set(full) & set(so))
+    if common:
+        out["full_minus_source_only"] = [full[s] - so[s] for s in common]
+    common_wo = sorted(set(full) & set(wo))
+    if common_wo:
+        out["full_minus_wo_sgg"] = [full[s] - wo[s] for s in common_wo]
+    if common and orc:
+        f = statistics.mean(full[s] for s in common)
+        b = statistics.mean(so[s] for s in common)
+        o = statistics.mean(orc.values())
+        out["gap_closed"] = (f - b) / (o - b) if o != b else None
+    return out
+
+
 def table(results: dict) -> str:
-    rows = ["| variant | target mIoU (mean ± std) | seeds | source-only of the same runs |", "|---|---|---|---|"]
+    rows = ["| variant | target-val mIoU (mean ± std) | seeds | segmenter updates |", "|---|---|---|---|"]
     for label, name in VARIANTS:
         r = results.get(name)
-        if not r or not r["target_miou"]:
+        if not r or not r.get("runs"):
             continue
-        m = statistics.mean(r["target_miou"])
-        sd = statistics.stdev(r["target_miou"]) if len(r["target_miou"]) > 1 else 0.0
-        so = r.get("source_only_miou") or []
-        so_txt = f"{statistics.mean(so):.1f}" if so else "-"
-        rows.append(f"| {label} | {m:.1f} ± {sd:.1f} | {len(r['target_miou'])} | {so_txt} |")
+        runs = r["runs"]
+        upd = {x.get("segmenter_updates") for x in runs} - {None}
+        rows.append(f"| {label} | {_ms([x['target_miou'] for x in runs])} | {len(runs)} | "
+                    f"{', '.join(str(u) for u in sorted(upd)) or '-'} |")
+        if name == "digits_source_only":
+            rows.append(f"| source-only at g_0 (source schedule only) | {_ms([x.get('source_only_miou') for x in runs])}"
+                        f" | {len(runs)} | |")
+            rows.append(f"| source-only, best checkpoint by source-val | "
+                        f"{_ms([x.get('source_only_best_source_val_miou') for x in runs])} | {len(runs)} | |")
+    s = summary(results)
+    if s:
+        rows.append("")
+        if "full_minus_source_only" in s:
+            rows.append(f"Full PTL minus source-only (equal budget), paired by seed: {_ms(s['full_minus_source_only'])}.")
+        if "full_minus_wo_sgg" in s:
+            rows.append(f"Full PTL minus PTL without SGG, paired by seed: {_ms(s['full_minus_wo_sgg'])}.")
+        if s.get("gap_closed") is not None:
+            rows.append(f"Fraction of the source-only -> oracle gap closed by full PTL: {100 * s['gap_closed']:.0f} %.")
     return "\n".join(rows)
 
 
@@ -76,16 +128,15 @@ def main() -> int:
         for seed in range(args.seeds):
             cfg = absolute_paths(load_config(ROOT / "experiments" / f"{name}.yaml", [f"seed={seed}", *args.overrides]))
             m = run(cfg, Path(args.runs) / name / f"seed{seed}")
-            r = results.setdefault(name, {"target_miou": [], "source_only_miou": [], "runs": []})
-            r["runs"] = [x for x in r["runs"] if x["seed"] != seed] + [
-                {"seed": seed, **{k: m.get(k) for k in ("target_miou", "source_only_miou", "oracle_miou", "wall_s",
-                                                           "unet_evals")}}]
+            r = results.setdefault(name, {"runs": []})
+            r["runs"] = sorted([x for x in r["runs"] if x["seed"] != seed] + [
+                {"seed": seed, **{k: m.get(k) for k in KEYS}}], key=lambda x: x["seed"])
             r["target_miou"] = [x["target_miou"] for x in r["runs"]]
-            r["source_only_miou"] = [x["source_only_miou"] for x in r["runs"] if x.get("source_only_miou") is not None]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-                                       "seeds": args.seeds, "wall_s": round(time.time() - t0, 1),
-                                       "results": results}, indent=2))
+                                       "cpus": __import__("os").cpu_count(), "seeds": args.seeds,
+                                       "overrides": args.overrides, "wall_s": round(time.time() - t0, 1),
+                                       "summary": summary(results), "results": results}, indent=2))
     print(table(results))
     if args.readme:
         readme = ROOT / "README.md"
