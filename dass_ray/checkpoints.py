@@ -41,11 +41,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _test_write_delay(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _test_write_delay(path: Path) -> None:
+    """TEST-ONLY: ``DASS_RAY_TEST_WRITE_DELAY=<substring>:<seconds>`` sleeps between writing the
+    temporary file and renaming it, for writes whose path contains ``<substring>``, so a test
+    can kill a process while it is writing (tests/test_reliability.py). Unset: no effect."""
+    spec = os.environ.get("DASS_RAY_TEST_WRITE_DELAY")
+    if spec and ":" in spec:
+        pattern, seconds = spec.rsplit(":", 1)
+        if pattern and pattern in str(path):
+            import time
+
+            time.sleep(float(seconds))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
