@@ -183,9 +183,16 @@ def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: d
     metrics["translator_actor_restarts"] = int(sum(r.get("actor_restarts", 0) for r in records))
     pics = rd.sub("pictures")
     # Fig. 4: one source image through the intermediate domains
-    probe_id = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)[0]
-    img, lbl = read_sample(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split, probe_id,
-                           cfg.data.num_classes)
+    from .data.layout import DataError
+
+    for probe_id in list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split):
+        try:  # the first readable source image (with data.skip_bad the bad ones were skipped)
+            img, lbl = read_sample(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split, probe_id,
+                                   cfg.data.num_classes)
+            break
+        except DataError:
+            if not cfg.data.skip_bad:
+                raise
     from PIL import Image
 
     shots = [np.asarray(Image.open(level_dir(rd.path, n) / "probe.png").convert("RGB"))
