@@ -41,11 +41,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _test_write_delay(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _test_write_delay(path: Path) -> None:
+    """TEST-ONLY: ``DASS_RAY_TEST_WRITE_DELAY=<substring>:<seconds>`` sleeps between writing the
+    temporary file and renaming it, for writes whose path contains ``<substring>``, so a test
+    can kill a process while it is writing (tests/test_reliability.py). Unset: no effect."""
+    spec = os.environ.get("DASS_RAY_TEST_WRITE_DELAY")
+    if spec and ":" in spec:
+        pattern, seconds = spec.rsplit(":", 1)
+        if pattern and pattern in str(path):
+            import time
+
+            time.sleep(float(seconds))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -56,10 +70,26 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None) -> str:
-    """Save a state dict as safetensors at ``path`` atomically; return its sha256."""
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_state` with ``keep_previous`` keeps the checkpoint it replaced."""
+    path = Path(path)
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None,
+               keep_previous: bool = False) -> str:
+    """Save a state dict as safetensors at ``path`` atomically; return its sha256.
+
+    ``keep_previous``: the checkpoint being replaced (with its checksum) is kept as
+    :func:`previous_path`, the fallback of :func:`load_latest`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if keep_previous and path.is_file() and Path(str(path) + ".sha256").is_file():
+        prev = previous_path(path)
+        Path(str(prev) + ".sha256").unlink(missing_ok=True)  # never a new file beside an old checksum
+        os.replace(path, prev)
+        os.replace(str(path) + ".sha256", str(prev) + ".sha256")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -91,6 +121,27 @@ def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> d
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {e}") from e
+
+
+def load_latest(path: str | os.PathLike, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    """Load ``path``, or when it is missing or corrupted the previous checkpoint kept beside it.
+
+    Returns ``(tensors, metadata, the path used)``. A bad ``path`` is reported through
+    ``log`` by path; :class:`CheckpointError` (naming both) when neither verifies.
+    """
+    path = Path(path)
+    errors = []
+    for p in (path, previous_path(path)):
+        try:
+            state = load_state(p)
+            meta = read_meta(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            log(f"WARNING: {errors[0]}; using the previous checkpoint {str(p)!r}")
+        return state, meta, p
+    raise CheckpointError("; ".join(errors))
 
 
 def checkpoint_id(path: str | os.PathLike) -> str:

@@ -329,6 +329,9 @@ class RayConfig:
     threads_per_actor: int = 1  # torch.set_num_threads in each actor
     object_store_mb: Optional[int] = 512  # local Ray only
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    # TEST-ONLY fault injection: each translation actor exits (os._exit) when it is handed
+    # its (k+1)-th batch; Ray Data restarts it and retries the batch. None = off.
+    fault_translator_after_batches: Optional[int] = None
 
     def worker_threads(self) -> int:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
@@ -343,6 +346,9 @@ class RayConfig:
             v = getattr(self, k)
             _finite(f"ray.{k}", v)
             _check(v >= 0, f"ray.{k}", v, "a number >= 0")
+        if self.fault_translator_after_batches is not None:
+            _check(self.fault_translator_after_batches >= 1, "ray.fault_translator_after_batches",
+                   self.fault_translator_after_batches, "an integer >= 1 or null (test-only fault injection)")
         if self.object_store_mb is not None:
             _check(self.object_store_mb >= 64, "ray.object_store_mb", self.object_store_mb, ">= 64 or null")
         if self.device == "cuda":

@@ -102,6 +102,9 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
     status = "FAILED"
     try:
         log(f"[dass-ray] {cfg.name}: method {cfg.method}, run dir {rd.path}")
+        if rd.stale_tmp_removed:
+            log(f"[dass-ray] removed {len(rd.stale_tmp_removed)} partial file(s) of an interrupted run: "
+                + ", ".join(rd.stale_tmp_removed[:5]))
         common.ensure_data(cfg, log)
         ensure_ray(cfg.ray)
         metrics: dict = {"name": cfg.name, "method": cfg.method, "config_hash": rd.config_hash}
@@ -146,6 +149,8 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
                 rd.mark_done("ddpm_samples", {"target_score": stats["target_score"], "frechet": stats["frechet"]})
             metrics["ddpm_target_score"] = rd.record("ddpm_samples")["target_score"]
             metrics["ddpm_frechet"] = rd.record("ddpm_samples").get("frechet")
+            if fail_after is None:
+                fail_after = cfg.ray.fault_translator_after_batches  # test-only fault injection
             levels = run_ptl_stage(cfg, rd.path, unet_path, g0, tracker=tracker, log=log, fail_after=fail_after)
             final_ckpt = _finish_ptl(cfg, rd, levels, metrics, res0, tracker)
         if cfg.method == "zodi":
@@ -161,6 +166,10 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
         tracker.log_artifact(rd.path / "metrics.json")
         tracker.log_artifact(final_ckpt, "checkpoint")
         _print_table(metrics, log)
+        if tracker.errors:
+            log(f"[dass-ray] WARNING: MLflow tracking failed {len(tracker.errors)} time(s) at {tracker.uri} (first: "
+                f"{tracker.errors[0]}); the MLflow records of this run are incomplete and are not replayed. "
+                f"The run's own records in {rd.path} (checkpoints, metrics.json) are complete.")
         status = "FINISHED"
         return metrics
     finally:
@@ -187,12 +196,20 @@ def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: d
     metrics["translated_images"] = int(len(levels) * per_level)
     metrics["segmenter_updates"] = cfg.segmenter.source_iters + len(levels) * cfg.ptl.updates_per_level()
     metrics["level_seconds_mean"] = float(np.mean([r["seconds"] for r in records]))
+    metrics["translator_actor_restarts"] = int(sum(r.get("actor_restarts", 0) for r in records))
     pics = rd.sub("pictures")
     # Fig. 4: one source image through the intermediate domains
-    probe_id = common.source_train_ids(cfg, list_ids(common.data_root(cfg), cfg.data.source_domain,
-                                                     cfg.data.source_split))[0]
-    img, lbl = read_sample(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split, probe_id,
-                           cfg.data.num_classes)
+    from .data.layout import DataError
+
+    for probe_id in common.source_train_ids(cfg, list_ids(common.data_root(cfg), cfg.data.source_domain,
+                                                          cfg.data.source_split)):
+        try:  # the first readable source-train image (with data.skip_bad the bad ones were skipped)
+            img, lbl = read_sample(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split, probe_id,
+                                   cfg.data.num_classes)
+            break
+        except DataError:
+            if not cfg.data.skip_bad:
+                raise
     from PIL import Image
 
     shots = [np.asarray(Image.open(level_dir(rd.path, n) / "probe.png").convert("RGB"))

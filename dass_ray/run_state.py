@@ -43,6 +43,11 @@ class RunDir:
                     f"{self.config_hash}); its outputs cannot be resumed with this config. Use another --out. "
                     f"Differences are in config.resolved.yaml: {sorted(_diff(old, cfg.to_dict()))[:10]}"
                 )
+        # temporary files of atomic writes a killed run left behind (never under a final name)
+        self.stale_tmp_removed = [str(p) for p in self.path.rglob(".*.tmp")
+                                  if p.is_file() and "ray_train" not in p.relative_to(self.path).parts]
+        for p in self.stale_tmp_removed:
+            Path(p).unlink(missing_ok=True)
         atomic_write_text(resolved, cfg.to_yaml())
         st = self.state
         if "config_hash" not in st:

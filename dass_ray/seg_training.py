@@ -11,7 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, load_state, optimizer_tensors, read_meta, restore_optimizer, save_state
+from .checkpoints import (CheckpointError, load_latest, load_state, optimizer_tensors, previous_path,
+                          restore_optimizer, save_state)
 from .config import SegmenterConfig
 from .data.transforms import PairTransform, to_diffusion
 from .losses import finetune_loss, noisy_masked_augment, seg_ce
@@ -60,18 +61,19 @@ class SegTrainer:
         self.opt.step()
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: Path, meta: dict) -> str:
+    def save(self, path: Path, meta: dict, keep_previous: bool = False) -> str:
         opt_t, opt_meta = optimizer_tensors(self.opt)
         state = {**{f"model.{k}": v for k, v in strip_ddp(self.raw.state_dict()).items()}, **opt_t}
-        return save_state(path, state, {**{k: str(v) for k, v in meta.items()}, "optimizer": opt_meta})
+        return save_state(path, state, {**{k: str(v) for k, v in meta.items()}, "optimizer": opt_meta},
+                          keep_previous=keep_previous)
 
     def try_resume(self, path: Path) -> Optional[dict]:
-        """Load model + optimizer from ``path``; None when absent or corrupted (reported)."""
-        if not Path(path).exists():
+        """Load model + optimizer from ``path`` (or, when it is corrupted, the previous checkpoint
+        kept beside it); None when there is none that verifies (reported by path)."""
+        if not Path(path).exists() and not previous_path(path).exists():
             return None
         try:
-            state = load_state(path)
-            meta = read_meta(path)
+            state, meta, _ = load_latest(path, log=lambda m: print(f"[train] {m}"))
             self.raw.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
             restore_optimizer(self.opt, state, meta["optimizer"])
             return meta

@@ -1,16 +1,14 @@
 """The MLflow layer: sqlite in the run dir by default, a real server by URI, outages do not stop runs."""
-import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from dass_ray.config import ExperimentConfig, from_dict
 from dass_ray.tracking import Tracker, resolve_tracking_uri
+
+from _mlflow_server import MlflowServer
 
 
 def _cfg(**tracking) -> ExperimentConfig:
@@ -99,38 +97,11 @@ def test_disabled_tracking_writes_nothing(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and tr.errors == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_real_mlflow_server_on_loopback(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not become healthy"
-            time.sleep(1)
-        tr = Tracker(_cfg(uri=uri), tmp_path / "run")
+    with MlflowServer(tmp_path / "server") as srv:
+        tr = Tracker(_cfg(uri=srv.uri), tmp_path / "run")
         _exercise(tr, tmp_path)
         assert tr.errors == []
-        _check(uri, "track_test")
+        _check(srv.uri, "track_test")
         assert not (tmp_path / "run" / "mlflow.db").exists()
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)

@@ -1,13 +1,6 @@
 """``dass-ray tune``: trial configs, the CPU rule, level reports, results/plot/best config; a real sweep (slow)."""
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,6 +25,8 @@ from dass_ray.tune_runner import (
     _error_text,
 )
 from dass_ray.tune_space import load_space, parse_space
+
+from _mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "digits_smoke.yaml"
@@ -264,50 +259,11 @@ def test_zodi_space_fits_a_zodi_config():
 
 # --------------------------------------------------------------------------- a real sweep (slow)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout:.0f}s")
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on loopback (sqlite backend, local artifacts), stopped by PID."""
-    port = _free_port()
-    log = open(tmp_path / "mlflow_server.log", "w")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (we started it)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+    """A real ``mlflow server`` on loopback (tests/_mlflow_server.py), stopped by PID."""
+    with MlflowServer(tmp_path / "mlflow_server") as srv:
+        yield srv.uri
 
 
 @pytest.mark.slow

@@ -187,6 +187,14 @@ def load_split(
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
     ids = list_ids(root, domain, split)
+    if require_labels:
+        # a label whose image is missing is a missing image (named by read_sample, or skipped)
+        ld = split_dir(root, domain, split) / "labels"
+        if ld.is_dir():
+            known = set(ids)
+            orphans = [p.name[: -len(IMAGE_EXT)] for p in ld.iterdir()
+                       if p.name.endswith(IMAGE_EXT) and not p.name.startswith(".") and p.name[: -len(IMAGE_EXT)] not in known]
+            ids = sorted(ids + orphans)
     size = tuple(int(s) for s in image_size) if image_size is not None else None
     keep: list[str] = []
     images: Optional[np.ndarray] = None

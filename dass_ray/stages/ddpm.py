@@ -23,9 +23,10 @@ import torch
 from ..checkpoints import (
     CheckpointError,
     atomic_write_json,
+    load_latest,
     load_state,
     optimizer_tensors,
-    read_meta,
+    previous_path,
     restore_optimizer,
     save_state,
 )
@@ -107,10 +108,10 @@ def train_ddpm_loop(loop_config: dict) -> None:
     opt = torch.optim.Adam(unet.parameters(), lr=d.lr)
     start = 0
     last = out / LAST_FILE
-    if last.exists():
+    if last.exists() or previous_path(last).exists():
         try:
-            state = load_state(last)
-            meta = read_meta(last)
+            # a corrupted last checkpoint is reported by path and the previous one is used
+            state, meta, _ = load_latest(last, log=lambda m: print(f"[ddpm] {m}"))
             unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
             ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
             restore_optimizer(opt, state, meta["optimizer"])
@@ -156,7 +157,7 @@ def train_ddpm_loop(loop_config: dict) -> None:
             opt_t, opt_meta = optimizer_tensors(opt)
             state = {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
                      **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t}
-            save_state(last, state, {"step": str(done), "optimizer": opt_meta})
+            save_state(last, state, {"step": str(done), "optimizer": opt_meta}, keep_previous=True)
             atomic_write_json(history_path, history)
     if rank == 0:
         shadow = build_unet(d)

@@ -27,6 +27,7 @@ after the last level with a record.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -147,7 +148,11 @@ def ptl_loop(loop_config: dict) -> None:
         # The level's translations: a Ray Data actor pool guided by g_{n-1}, streamed into
         # the fine-tuning below (the first batches train while the actors translate the rest).
         rows = translation_rows({n: level_ids(cfg, source_ids, n, rank)}, cfg.ptl.translate_batch_size)
-        ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: prev_ckpt}, loop_config.get("fail_after"))
+        events = level_dir(run_dir, n) / f"actors-r{rank}"  # actor starts of this attempt at the level
+        shutil.rmtree(events, ignore_errors=True)
+        events.mkdir(parents=True)
+        ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: prev_ckpt}, loop_config.get("fail_after"),
+                                 events_dir=str(events))
         buf_rows: dict[str, list] = {k: [] for k in ("id", "level", "image_png", "seed", "segmenter_id", "config_hash")}
         losses: list[float] = []
         probe: Optional[np.ndarray] = None
@@ -196,6 +201,11 @@ def ptl_loop(loop_config: dict) -> None:
         record = {"level": n, "loss": float(np.mean(losses)), "iters": len(losses),
                   "translated": consumed, "seconds": time.time() - t_level,
                   "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes))}
+        # translation actors that died during the level and were restarted by Ray Data
+        record["actor_restarts"] = max(0, len(list(events.glob("actor-*.json"))) - cfg.ray.num_actors)
+        if record["actor_restarts"]:
+            print(f"[ptl] WARNING: level {n} (rank {rank}): {record['actor_restarts']} translation actor(s) died "
+                  f"and were restarted; their batches were retried, all {consumed} ids translated once")
         if clf is not None:
             record["target_score"] = clf.target_score(np.concatenate(level_images))
             if consumed >= 2:
@@ -259,7 +269,8 @@ class _LevelLogger(threading.Thread):
             m = {"ptl_loss": rec["loss"], "level_seconds": rec["seconds"],
                  "consistency_miou": rec.get("consistency_miou", float("nan")),
                  "target_score": rec.get("target_score", float("nan")),
-                 "frechet_to_target": rec.get("frechet_to_target", float("nan"))}
+                 "frechet_to_target": rec.get("frechet_to_target", float("nan")),
+                 "actor_restarts": rec.get("actor_restarts", 0)}
             if "target_miou" in rec:
                 m["target_miou"] = rec["target_miou"]
             self.tracker.log_metrics(m, step=n, run_id=self.run_id)
@@ -269,6 +280,27 @@ class _LevelLogger(threading.Thread):
             self.poll()
 
 
+def check_level_provenance(cfg: ExperimentConfig, run_dir: Path, levels: list[int]) -> None:
+    """Refuse to resume from finished levels whose translations another config made.
+
+    Each translated row carries the hash of the config that made it; a level offered
+    for resume (copied in, or left by a run whose ``state.json`` was lost) must carry
+    this run's hash, else :class:`~dass_ray.config.ConfigError` names the file and both hashes.
+    """
+    import pyarrow.parquet as pq
+
+    from ..config import ConfigError
+
+    want = cfg.hash()
+    for n in levels:
+        for f in sorted(level_dir(run_dir, n).glob("translated-r*.parquet")):
+            got = set(pq.read_table(f, columns=["config_hash"]).column("config_hash").to_pylist())
+            if got != {want}:
+                raise ConfigError(f"{f}: translated dataset of level {n} was made by config hash "
+                                  f"{', '.join(sorted(map(str, got)))}, this run's config hash is {want}; it cannot be "
+                                  f"resumed with this config (use another --out, or delete {f.parent})")
+
+
 def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path: Path, tracker=None,
                   log: Callable[[str], None] = print, fail_after: Optional[int] = None) -> list[int]:
     """Run the remaining PTL levels; return all finished levels."""
@@ -276,6 +308,7 @@ def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path
 
     all_levels = cfg.ptl.levels()
     finished = done_levels(run_dir)
+    check_level_provenance(cfg, run_dir, finished)
     todo = [n for n in all_levels if n not in finished]
     if not todo:
         log(f"[ptl] all {len(all_levels)} levels already done")
@@ -283,6 +316,10 @@ def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path
     prev_level = max([n for n in finished if n < todo[0]], default=None)
     start_ckpt = level_dir(run_dir, prev_level) / SEG_FILE if prev_level else g0_path
     source_ids = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)
+    if cfg.data.skip_bad:
+        # the samples the source stage skipped (data.skip_bad) are not offered to the translators either
+        bad = {r["id"] for f in (run_dir / "source").glob("skipped-*.json") for r in json.loads(f.read_text())}
+        source_ids = [i for i in source_ids if i not in bad]
     if cfg.data.max_samples:
         source_ids = source_ids[: cfg.data.max_samples]
     source_ids = common.source_train_ids(cfg, source_ids)  # never the held-out source-val
@@ -308,4 +345,9 @@ def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path
             logger.poll()
             tracker.end(rid, "FINISHED" if ok else "FAILED")
     log(f"[ptl] {len(todo)} levels in {time.time() - t0:.0f}s")
+    for n in todo:
+        rec = json.loads((level_dir(run_dir, n) / "record.json").read_text())
+        if rec.get("actor_restarts"):
+            log(f"[ptl] WARNING: level {n}: {rec['actor_restarts']} translation actor failure(s), recovered by "
+                f"Ray Data (batches retried; {rec['translated']} ids, each once)")
     return done_levels(run_dir)

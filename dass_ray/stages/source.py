@@ -66,6 +66,7 @@ def train_source_loop(loop_config: dict) -> None:
     max_n = s.augment_max_n or min(cfg.ptl.N, cfg.diffusion.num_train_timesteps)
     history_path = out / "loss_history.json"
     history = json.loads(history_path.read_text()) if (history_path.exists() and start) else []
+    history = [h for h in history if h["iter"] <= start]  # resumed from an older checkpoint: drop what follows
     gen = torch.Generator()
     running, count, t0 = 0.0, 0, time.time()
     every = max(1, s.source_iters // 20)
@@ -98,7 +99,7 @@ def train_source_loop(loop_config: dict) -> None:
                       + (f" source-val mIoU {rec['source_val_miou']:.1f}" if sval is not None else ""))
                 if done == s.source_iters:
                     trainer.save(out / G0_FILE, {"iter": s.source_iters, "oracle": oracle})
-                trainer.save(out / LAST_FILE, {"iter": done})
+                trainer.save(out / LAST_FILE, {"iter": done}, keep_previous=True)
                 atomic_write_json(history_path, history)
     if rank == 0:
         if extra:

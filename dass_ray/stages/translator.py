@@ -29,7 +29,7 @@ class Translator:
 
     def __init__(self, config: dict, unet_path: str, segmenters: dict[int, Optional[str]], source_root: str,
                  source_domain: str, source_split: str, wait_timeout_s: float = 6 * 3600,
-                 fail_after: Optional[int] = None):
+                 fail_after: Optional[int] = None, events_dir: Optional[str] = None):
         from ..data.layout import read_sample  # noqa: F401  (import cost paid once per actor)
         from ..diffusion.schedule import DDPMSchedule
         from ..diffusion.unet import load_unet
@@ -51,6 +51,13 @@ class Translator:
         self._seg_id = "none"
         self.batches = 0
         self.fail_after = fail_after  # fault injection for the reliability tests
+        if events_dir:
+            # one file per actor start: a start beyond the pool size is a restart after a crash
+            # (counted per level by the PTL loop; the test reads the PID to kill an actor)
+            from ..checkpoints import atomic_write_json
+
+            atomic_write_json(Path(events_dir) / f"actor-{os.getpid()}-{time.time_ns()}.json",
+                              {"pid": os.getpid(), "time": time.time()})
 
     # ------------------------------------------------------------------ segmenter per level
     def _segmenter(self, level: int):
@@ -123,7 +130,7 @@ def translation_rows(ids_per_level: dict[int, list[str]], batch_size: int) -> li
 
 
 def translation_dataset(cfg: ExperimentConfig, rows: list[dict], unet_path: str, segmenters: dict[int, Optional[str]],
-                        fail_after: Optional[int] = None):
+                        fail_after: Optional[int] = None, events_dir: Optional[str] = None):
     """A lazy Ray dataset: the rows through an actor pool of :class:`Translator`."""
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
@@ -143,6 +150,6 @@ def translation_dataset(cfg: ExperimentConfig, rows: list[dict], unet_path: str,
         fn_constructor_kwargs=dict(
             config=cfg.to_dict(), unet_path=str(unet_path), segmenters={int(k): v for k, v in segmenters.items()},
             source_root=str(data_root(cfg)), source_domain=cfg.data.source_domain,
-            source_split=cfg.data.source_split, fail_after=fail_after,
+            source_split=cfg.data.source_split, fail_after=fail_after, events_dir=events_dir,
         ),
     )
