@@ -124,8 +124,8 @@ def main() -> int:
     results = json.loads(out.read_text())["results"] if out.exists() else {}
     names = args.variants.split(",") if args.variants else [n for _, n in VARIANTS]
     t0 = time.time()
-    for name in names:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major: an interrupted benchmark has whole seeds of every variant
+        for name in names:
             cfg = absolute_paths(load_config(ROOT / "experiments" / f"{name}.yaml", [f"seed={seed}", *args.overrides]))
             m = run(cfg, Path(args.runs) / name / f"seed{seed}")
             r = results.setdefault(name, {"runs": []})
