@@ -114,7 +114,7 @@ def cache_key(cfg: ExperimentConfig, oracle: bool) -> str:
     import hashlib
 
     seg = {k: v for k, v in cfg.to_dict()["segmenter"].items()
-           if k not in ("cache_dir", "eval_batch_size", "similarity_weight")}
+           if k not in ("cache_dir", "eval_batch_size", "similarity_weight", "augment_max_n")}  # resolved below
     d = cfg.data
     ident = {
         "data": {"dataset": d.dataset, "root": str(common.data_root(cfg)), "image_size": d.image_size,
