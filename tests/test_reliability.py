@@ -175,6 +175,7 @@ def test_sigkill_at_four_points_then_resume(digits_root, tmp_path):
     from dass_ray.checkpoints import read_meta
     from dass_ray.config import load_config
     from dass_ray.data.layout import list_ids
+    from dass_ray.stages.common import source_train_ids
     from dass_ray.stages.ptl import level_dir, level_ids
 
     out = tmp_path / "run"
@@ -258,7 +259,8 @@ def test_sigkill_at_four_points_then_resume(digits_root, tmp_path):
     # level 10 was not redone; level 20 was completed once
     assert (l10 / "record.json").stat().st_mtime_ns == l10_mtime and (l10 / "record.json").read_text() == l10_record
     assert _sha(l10 / "translated-r0.parquet") == l10_parquet
-    source_ids = list_ids(digits_root, "source", "train")[: cfg.data.max_samples]
+    # the ids PTL draws from: the first max_samples of the split minus the held-out source-val
+    source_ids = source_train_ids(cfg, list_ids(digits_root, "source", "train")[: cfg.data.max_samples])
     for n in (10, 20):
         t = pq.read_table(level_dir(out, n) / "translated-r0.parquet")
         ids = [str(i) for i in t.column("id").to_pylist()]
@@ -322,26 +324,36 @@ def faulty_run(digits_root, tmp_path_factory, ray_local):
     watcher.start()
     argv = ["run", str(SMOKE), "--out", str(out), "--set", f"data.root={root}", "--set", "data.skip_bad=true",
             "--set", "ray.fault_translator_after_batches=1", "--set", f"tracking.uri={server.uri}"]
-    lines: list[str] = []
-    import builtins
-
-    real_print = builtins.print
-
-    def tee(*a, **k):  # the pipeline logs with print; keep the driver's lines for the assertions
-        if k.get("file") in (None, sys.stdout, sys.stderr):
-            lines.append(" ".join(str(x) for x in a))
-        real_print(*a, **k)
-
+    # keep the driver's output for the assertions: the pipeline's `log` is bound to print at import time, so
+    # the streams are teed (not builtins.print)
+    written: list[str] = []  # both streams, in the order written
+    out_tee, err_tee = _Tee(sys.stdout, written), _Tee(sys.stderr, written)
     t0 = time.time()
-    builtins.print = tee
+    sys.stdout, sys.stderr = out_tee, err_tee
     try:
         rc = main(argv)
     finally:
-        builtins.print = real_print
+        sys.stdout, sys.stderr = out_tee.stream, err_tee.stream
         stopped.setdefault("t", None)
         server.stop()
+    lines = "".join(written).splitlines()
     return {"rc": rc, "out": out, "root": root, "bad_id": bad_id, "lines": lines, "t0": t0, "t_end": time.time(),
             "stopped": stopped, "uri": server.uri}
+
+
+class _Tee:
+    """A text stream that writes through to ``stream`` and appends a copy to ``into``."""
+
+    def __init__(self, stream, into: list[str]):
+        self.stream = stream
+        self._into = into
+
+    def write(self, s: str) -> int:
+        self._into.append(s)
+        return self.stream.write(s)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding ...: the real stream's
+        return getattr(self.stream, name)
 
 
 @pytest.mark.slow
@@ -350,6 +362,7 @@ def test_translation_actor_crash_loses_no_id(faulty_run):
 
     from dass_ray.config import load_config
     from dass_ray.data.layout import list_ids
+    from dass_ray.stages.common import source_train_ids
     from dass_ray.stages.ptl import level_dir, level_ids
 
     r = faulty_run
@@ -357,7 +370,8 @@ def test_translation_actor_crash_loses_no_id(faulty_run):
     out = r["out"]
     cfg = load_config(SMOKE, [f"data.root={r['root']}", "data.skip_bad=true", "ray.fault_translator_after_batches=1",
                               f"tracking.uri={r['uri']}"])
-    source_ids = [i for i in list_ids(r["root"], "source", "train") if i != r["bad_id"]][: cfg.data.max_samples]
+    source_ids = source_train_ids(
+        cfg, [i for i in list_ids(r["root"], "source", "train") if i != r["bad_id"]][: cfg.data.max_samples])
     m = json.loads((out / "metrics.json").read_text())
     for n in cfg.ptl.levels():
         rec = json.loads((level_dir(out, n) / "record.json").read_text())
