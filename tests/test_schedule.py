@@ -257,3 +257,22 @@ def test_bf16_unet_calls_stay_close_to_fp32():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in unet.parameters())
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch):
+    from dass_ray.diffusion import schedule as sch
+
+    cfg = tiny_diffusion_config(num_train_timesteps=T)
+    unet = tiny_unet(cfg)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    k = torch.tensor([3, T])
+    e32, e16 = EpsModel(unet)(x, k), EpsModel(unet, "bf16")(x, k)
+    assert sch.resolve_precision("fp32", "cpu") == "fp32" and sch.resolve_precision("bf16", "cpu") == "bf16"
+    for native, want in ((False, e32), (True, e16)):  # "auto" follows the probe, both ways
+        monkeypatch.setattr(sch, "bf16_is_native", lambda device, native=native: native)
+        assert sch.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+        assert torch.equal(EpsModel(unet, "auto")(x, k), want)
+    monkeypatch.undo()
+    # the real probe answers without raising on this machine, and a non-CPU/CUDA device is never native
+    assert isinstance(sch.bf16_is_native("cpu"), bool) and sch.bf16_is_native("meta") is False

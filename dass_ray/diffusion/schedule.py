@@ -44,10 +44,36 @@ class EpsModel:
             return self.unet(x, (k - 1).to(x.device)).sample.to(x.dtype)
 
 
+def bf16_is_native(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively (fast).
+
+    CPUs: oneDNN's bf16 kernels (AVX512-BF16 / AMX, or AVX512 cores); without them
+    (e.g. AVX2-only CPUs) autocast falls back to emulation, measured 14x *slower*
+    than float32 for a digits UNet training step (9.6 vs 0.65-0.74 s, AVX2 EPYC, 2 threads). GPUs: ``torch.cuda.is_bf16_supported()``.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch build without the probe: assume not
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`bf16_is_native`, else ``"fp32"``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if bf16_is_native(device) else "fp32"
+    return precision
+
+
 def unet_autocast(device: torch.device | str, precision: str):
-    """``torch.autocast`` to bfloat16 on ``device``'s type when ``precision == "bf16"`` (else a no-op)."""
+    """``torch.autocast`` to bfloat16 on ``device``'s type when ``precision`` resolves to ``"bf16"``
+    (:func:`resolve_precision`), else a no-op."""
     dev = torch.device(device).type
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
 class DDPMSchedule:

@@ -102,6 +102,11 @@ def train_ddpm_loop(loop_config: dict) -> None:
         x_all = torch.nn.functional.interpolate(x_all, size=(d.image_size, d.image_size), mode="bilinear",
                                                 antialias=True, align_corners=False)
     schedule = DDPMSchedule(d)
+    if rank == 0:
+        from ..diffusion.schedule import resolve_precision
+
+        print(f"[ddpm] UNet precision {d.precision} -> {resolve_precision(d.precision, device)} on {device}",
+              flush=True)
     torch.manual_seed(d.seed)
     unet = build_unet(d)
     ema = EMA(unet, d.ema_decay)
