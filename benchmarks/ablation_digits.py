@@ -45,7 +45,18 @@ VARIANTS = [
 
 
 KEYS = ("target_miou", "source_only_miou", "source_only_equal_budget_miou", "source_only_best_source_val_miou",
-        "oracle_miou", "segmenter_updates", "translated_images", "unet_evals", "wall_s")
+        "oracle_miou", "segmenter_updates", "translated_images", "unet_evals", "wall_s", "ddpm_frechet")
+# per PTL level: how target-like the translations are (Fréchet feature distance of dass_ray/domain_stats.py)
+# and how well they keep the labels (the level's starting segmenter on them vs the source labels)
+LEVEL_KEYS = ("level", "frechet_to_target", "frechet_to_source", "consistency_miou", "target_miou", "seconds")
+
+
+def run_record(seed: int, m: dict) -> dict:
+    """What the JSON keeps of one run's metrics.json."""
+    rec = {"seed": seed, **{k: m.get(k) for k in KEYS}}
+    if m.get("levels"):
+        rec["levels"] = [{k: lv.get(k) for k in LEVEL_KEYS} for lv in m["levels"]]
+    return rec
 
 
 def _ms(xs: list) -> str:
@@ -80,6 +91,30 @@ def summary(results: dict) -> dict:
     return out
 
 
+def level_table(results: dict) -> list[str]:
+    """Per level of the PTL variants: Fréchet distance of the translations to target / source (lower =
+    closer) and segmenter consistency, mean ± std over seeds; the DDPM's own phi^N samples for reference."""
+    rows: list[str] = []
+    for label, name in VARIANTS:
+        runs = [x for x in results.get(name, {}).get("runs", []) if x.get("levels")]
+        if not runs:
+            continue
+        if not rows:
+            rows += ["", "| variant | level n | Fréchet to target | Fréchet to source | consistency mIoU | "
+                         "target-val mIoU after the level |", "|---|---|---|---|---|---|"]
+        for n in sorted({lv["level"] for x in runs for lv in x["levels"]}):
+            lvs = [lv for x in runs for lv in x["levels"] if lv["level"] == n]
+            rows.append(f"| {label} | {n} | " + " | ".join(_ms([lv.get(k) for lv in lvs]) for k in (
+                "frechet_to_target", "frechet_to_source", "consistency_miou", "target_miou")) + " |")
+    dd = [x["ddpm_frechet"] for r in results.values() for x in r.get("runs", []) if x.get("ddpm_frechet")]
+    if dd:
+        rows.append("")
+        rows.append("DDPM samples (unguided, same statistic, 64 images a row): " + "; ".join(
+            f"{k.replace('phi_', 'phi^')} to target {v['to_target']:.1f}" + (f", to source {v['to_source']:.1f}" if "to_source" in v else "")
+            for k, v in dd[0].items() if isinstance(v, dict) and "to_target" in v) + ".")
+    return rows
+
+
 def table(results: dict) -> str:
     rows = ["| variant | target-val mIoU (mean ± std) | seeds | segmenter updates |", "|---|---|---|---|"]
     for label, name in VARIANTS:
@@ -95,6 +130,7 @@ def table(results: dict) -> str:
                         f" | {len(runs)} | |")
             rows.append(f"| source-only, best checkpoint by source-val | "
                         f"{_ms([x.get('source_only_best_source_val_miou') for x in runs])} | {len(runs)} | |")
+    rows += level_table(results)
     s = summary(results)
     if s:
         rows.append("")
@@ -115,27 +151,37 @@ def main() -> int:
     ap.add_argument("--variants", default=None, help="comma-separated experiment names (default: all)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides for every run")
     ap.add_argument("--readme", action="store_true", help="rewrite the README table from the JSON")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: rebuild the JSON from the finished runs' metrics.json under --runs")
     args = ap.parse_args()
 
     from dass_ray.config import absolute_paths, load_config
     from dass_ray.pipeline import run
 
     out = Path(args.out)
-    results = json.loads(out.read_text())["results"] if out.exists() else {}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    results = previous.get("results", {})
     names = args.variants.split(",") if args.variants else [n for _, n in VARIANTS]
     t0 = time.time()
     for seed in range(args.seeds):  # seed-major: an interrupted benchmark has whole seeds of every variant
         for name in names:
             cfg = absolute_paths(load_config(ROOT / "experiments" / f"{name}.yaml", [f"seed={seed}", *args.overrides]))
-            m = run(cfg, Path(args.runs) / name / f"seed{seed}")
+            run_dir = Path(args.runs) / name / f"seed{seed}"
+            if args.collect:
+                if not (run_dir / "metrics.json").is_file():
+                    continue  # not finished: left out, never invented
+                m = json.loads((run_dir / "metrics.json").read_text())
+            else:
+                m = run(cfg, run_dir)
             r = results.setdefault(name, {"runs": []})
-            r["runs"] = sorted([x for x in r["runs"] if x["seed"] != seed] + [
-                {"seed": seed, **{k: m.get(k) for k in KEYS}}], key=lambda x: x["seed"])
+            r["runs"] = sorted([x for x in r["runs"] if x["seed"] != seed] + [run_record(seed, m)],
+                               key=lambda x: x["seed"])
             r["target_miou"] = [x["target_miou"] for x in r["runs"]]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
                                        "cpus": __import__("os").cpu_count(), "seeds": args.seeds,
-                                       "overrides": args.overrides, "wall_s": round(time.time() - t0, 1),
+                                       "overrides": args.overrides,
+                                       "wall_s": previous.get("wall_s") if args.collect else round(time.time() - t0, 1),
                                        "summary": summary(results), "results": results}, indent=2))
     print(table(results))
     if args.readme:
