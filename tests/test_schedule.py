@@ -243,13 +243,18 @@ def test_posterior_variance_and_auto_on_respaced_chains():
     assert float(var_b.flatten()[0]) == pytest.approx(beta_r, rel=1e-3)
 
 
-def test_bf16_unet_calls_stay_close_to_fp32():
+def _unet_fp32_bf16():
+    """A tiny UNet, an input batch, two steps, and its fp32 / bf16 eps predictions."""
     cfg = tiny_diffusion_config(num_train_timesteps=T)
     unet = tiny_unet(cfg)
     torch.manual_seed(0)
     x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     k = torch.tensor([3, T])
-    e32, e16 = EpsModel(unet)(x, k), EpsModel(unet, "bf16")(x, k)
+    return cfg, unet, x, k, EpsModel(unet)(x, k), EpsModel(unet, "bf16")(x, k)
+
+
+def test_bf16_unet_calls_stay_close_to_fp32():
+    cfg, unet, x, k, e32, e16 = _unet_fp32_bf16()
     assert e16.dtype == torch.float32 and not torch.equal(e32, e16)  # really computed in bf16
     assert float((e32 - e16).abs().max()) < 0.1 * float(e32.abs().max()) + 1e-3
     g = torch.Generator().manual_seed(0)
@@ -262,12 +267,7 @@ def test_bf16_unet_calls_stay_close_to_fp32():
 def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch):
     from dass_ray.diffusion import schedule as sch
 
-    cfg = tiny_diffusion_config(num_train_timesteps=T)
-    unet = tiny_unet(cfg)
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
-    k = torch.tensor([3, T])
-    e32, e16 = EpsModel(unet)(x, k), EpsModel(unet, "bf16")(x, k)
+    _, unet, x, k, e32, e16 = _unet_fp32_bf16()
     assert sch.resolve_precision("fp32", "cpu") == "fp32" and sch.resolve_precision("bf16", "cpu") == "bf16"
     for native, want in ((False, e32), (True, e16)):  # "auto" follows the probe, both ways
         monkeypatch.setattr(sch, "bf16_is_native", lambda device, native=native: native)
