@@ -165,14 +165,14 @@ def main() -> int:
     t0 = time.time()
     for seed in range(args.seeds):  # seed-major: an interrupted benchmark has whole seeds of every variant
         for name in names:
-            cfg = absolute_paths(load_config(ROOT / "experiments" / f"{name}.yaml", [f"seed={seed}", *args.overrides]))
             run_dir = Path(args.runs) / name / f"seed{seed}"
             if args.collect:
                 if not (run_dir / "metrics.json").is_file():
                     continue  # not finished: left out, never invented
                 m = json.loads((run_dir / "metrics.json").read_text())
             else:
-                m = run(cfg, run_dir)
+                overrides = [f"seed={seed}", *args.overrides]
+                m = run(absolute_paths(load_config(ROOT / "experiments" / f"{name}.yaml", overrides)), run_dir)
             r = results.setdefault(name, {"runs": []})
             r["runs"] = sorted([x for x in r["runs"] if x["seed"] != seed] + [run_record(seed, m)],
                                key=lambda x: x["seed"])

@@ -16,6 +16,7 @@ data); ``k`` is an ``int`` or a ``LongTensor [B]``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Callable, Optional, Union
 
 import torch
@@ -49,12 +50,18 @@ def bf16_is_native(device: torch.device | str) -> bool:
 
     CPUs: oneDNN's bf16 kernels (AVX512-BF16 / AMX, or AVX512 cores); without them
     (e.g. AVX2-only CPUs) autocast falls back to emulation, measured 14x *slower*
-    than float32 for a digits UNet training step (9.6 vs 0.65-0.74 s, AVX2 EPYC, 2 threads). GPUs: ``torch.cuda.is_bf16_supported()``.
+    than float32 for a digits UNet training step (9.6 vs 0.65-0.74 s, AVX2 EPYC,
+    2 threads). GPUs: ``torch.cuda.is_bf16_supported()``. The hardware probe runs
+    once per device type (it sits on the path of every UNet call).
     """
-    dev = torch.device(device)
-    if dev.type == "cuda":
+    return _bf16_native_for(torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_native_for(device_type: str) -> bool:
+    if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if dev.type == "cpu":
+    if device_type == "cpu":
         try:
             return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):  # a torch build without the probe: assume not

@@ -82,7 +82,7 @@ def train_ddpm_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from ..data.transforms import to_diffusion
-    from ..diffusion.schedule import DDPMSchedule
+    from ..diffusion.schedule import DDPMSchedule, resolve_precision
     from ..diffusion.unet import EMA, build_unet, ddpm_loss
 
     cfg = common.worker_config(loop_config)
@@ -103,8 +103,6 @@ def train_ddpm_loop(loop_config: dict) -> None:
                                                 antialias=True, align_corners=False)
     schedule = DDPMSchedule(d)
     if rank == 0:
-        from ..diffusion.schedule import resolve_precision
-
         print(f"[ddpm] UNet precision {d.precision} -> {resolve_precision(d.precision, device)} on {device}",
               flush=True)
     torch.manual_seed(d.seed)
