@@ -178,6 +178,10 @@ class GuidanceConfig:
     scale: float = 1000.0
     arrangement: Arrangement = "alternate"
     seed: int = 0  # for the `random` arrangement
+    # where the segmenter reads and the step is taken: "x_k" (the paper, Eq. 7: mu - lambda beta_k grad_{x_k} L) or
+    # "x0_hat" (beyond the paper: the denoised estimate takes the step x0_hat - lambda grad L,
+    # the mean follows from it; DDPMSchedule.guided_reverse_step). lambda's scale differs between them.
+    space: Literal["x_k", "x0_hat"] = "x_k"
 
     def __post_init__(self) -> None:
         _finite("guidance.scale", self.scale)

@@ -114,7 +114,8 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
                 x = chain.guided_reverse_step(eps_model, x, k, z)
             else:
                 fn = lcg_step if module == "lcg" else gsg_step
-                x = fn(eps_model, chain, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n, ids=ids)
+                x = fn(eps_model, chain, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n, ids=ids,
+                       space=guidance.space)
     finally:
         if guided:
             for p, req in restore:

@@ -125,6 +125,36 @@ def test_guided_step_sign_scale_zero_and_mask(sched):
     torch.testing.assert_close(out_m[:, :, 2:], unguided[:, :, 2:])
 
 
+def test_guided_step_in_x0_hat_space_by_hand(sched):
+    """space="x0_hat": x0' = x0_hat - s grad(x0_hat); mu_hat = c0 x0' + ck x_k, i.e. the guided
+    sample is the unguided one shifted by -c0_k s grad, and cond_fn reads x0_hat, not x_k."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    z = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    seen = []
+
+    def cond_fn(x0, k):
+        seen.append(x0.clone())
+        return grad
+
+    eps_fn = _const_eps()
+    k = 6
+    beta, alpha, abar = _hand(k)
+    _, _, abar_prev = _hand(k - 1)
+    eps = eps_fn(x, torch.full((2,), k))
+    unguided = sched.guided_reverse_step(eps_fn, x, k, z)
+    out = sched.guided_reverse_step(eps_fn, x, k, z, cond_fn, 50.0, space="x0_hat")
+    torch.testing.assert_close(seen[0], (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar), rtol=1e-5, atol=1e-5)
+    c0 = math.sqrt(abar_prev) * beta / (1 - abar)
+    torch.testing.assert_close(out, unguided - c0 * 50.0 * grad, rtol=1e-5, atol=1e-5)
+    # at k = 1 (c0 = 1, no noise) the output is the stepped estimate itself
+    out1 = sched.guided_reverse_step(eps_fn, x, 1, None, cond_fn, 50.0, space="x0_hat")
+    # (c0_1 = beta_1 / (1 - alphabar_1) = 1 up to diffusers' float32 alphabar: ~2e-4 relative)
+    torch.testing.assert_close(out1, seen[-1] - 50.0 * grad, rtol=1e-3, atol=1e-3 * 50.0)
+    with pytest.raises(ValueError, match="guidance space"):
+        sched.guided_reverse_step(eps_fn, x, k, z, cond_fn, 50.0, space="x0")
+
+
 # --------------------------------------------------------------------------- unet.py
 
 def test_build_unet_shapes_and_attention():

@@ -113,6 +113,28 @@ def test_guided_step_lowers_ce_vs_unguided(setup):
             assert float(gsg_loss(seg, xg[i:i + 1], y[i:i + 1])) < float(gsg_loss(seg, unguided[i:i + 1], y[i:i + 1]))
 
 
+def test_x0_hat_space_step_lowers_ce_vs_unguided(setup):
+    """GSG and LCG with space="x0_hat": at k = 1 the output is the stepped estimate, whose CE
+    under g is lower than the unguided output's; at k > 1 the sample moves too; LCG's ignore
+    pixels still take the unguided sample."""
+    sched, eps_model, seg, y, k, x_k, z = setup
+    for kk, noise in ((1, None), (k, z)):
+        unguided = sched.guided_reverse_step(eps_model, x_k, kk, noise)
+        xg = gsg_step(eps_model, sched, x_k, kk, noise, seg, y, 2000.0, C, space="x0_hat")
+        xl = lcg_step(eps_model, sched, x_k, kk, noise, seg, y, 2000.0, C, space="x0_hat")
+        assert float((xg - unguided).abs().max()) > 1e-3 and float((xl - unguided).abs().max()) > 1e-3
+        if kk == 1:
+            with torch.no_grad():
+                assert float(gsg_loss(seg, xg, y)) < float(gsg_loss(seg, unguided, y)) - 0.05
+                assert float(lcg_loss_batched(seg, xl, y, C)) < float(lcg_loss_batched(seg, unguided, y, C)) - 0.05
+    y2 = y.clone()
+    y2[0] = 255
+    unguided = sched.guided_reverse_step(eps_model, x_k, k, z)
+    got = lcg_step(eps_model, sched, x_k, k, z, seg, y2, 2000.0, C, space="x0_hat")
+    ign = (y2 == 255).unsqueeze(1).expand_as(got)
+    torch.testing.assert_close(got[ign], unguided[ign], rtol=0, atol=0)
+
+
 def test_scale_zero_equals_unguided_and_skips_segmenter(setup):
     sched, eps_model, _, y, k, x_k, z = setup
 

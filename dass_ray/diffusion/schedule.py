@@ -26,7 +26,8 @@ from dass_ray.config import DiffusionConfig
 
 Steps = Union[int, torch.Tensor]
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_k [B,C,H,W], k LongTensor [B]) -> eps
-CondFn = Callable[[torch.Tensor, Steps], torch.Tensor]  # (x_k, k) -> grad_{x_k} L, same shape as x_k
+CondFn = Callable[[torch.Tensor, Steps], torch.Tensor]  # (x, k) -> grad_x L, same shape as x (x_k or x0_hat)
+GUIDANCE_SPACES = ("x_k", "x0_hat")  # what the segmenter reads in a guided step (GuidanceConfig.space)
 
 
 class EpsModel:
@@ -93,7 +94,7 @@ class DDPMSchedule:
         # chain, posterior on respaced chains, whose large beta' would leave visible noise in the output.
         self.clip_sample = bool(getattr(cfg, "clip_sample", False))
         self.precision = getattr(cfg, "precision", "fp32")  # of the UNet calls made through this schedule
-        self.variance = getattr(cfg, "reverse_variance", "auto")
+        self.variance_kind = getattr(cfg, "reverse_variance", "auto")
         sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                               beta_end=cfg.beta_end, beta_schedule="linear")
         self.T = cfg.num_train_timesteps
@@ -117,7 +118,7 @@ class DDPMSchedule:
         new = object.__new__(DDPMSchedule)
         new.clip_sample = self.clip_sample
         new.precision = self.precision
-        new.variance = "posterior" if self.variance == "auto" else self.variance
+        new.variance_kind = "posterior" if self.variance_kind == "auto" else self.variance_kind
         abar = self.alphas_cumprod[(ts - 1).to(self.alphas_cumprod.device)]
         prev = torch.cat([abar.new_ones(1), abar[:-1]])
         new.T = len(ts)
@@ -161,6 +162,32 @@ class DDPMSchedule:
         return a * x0 + s * noise
 
     # ------------------------------------------------------------------ Eq. 4
+    def predict_x0(self, eps: torch.Tensor, x_k: torch.Tensor, k: Steps) -> torch.Tensor:
+        """x0_hat = (x_k - sqrt(1 - alphabar_k) eps) / sqrt(alphabar_k), ``[B, C, H, W]``;
+        clipped to [-1, 1] with ``clip_sample``."""
+        idx = self._k(k, x_k.shape[0]) - 1
+        abar = self._take(self.alphas_cumprod, idx, x_k)
+        x0 = (x_k - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+        return x0.clamp(-1.0, 1.0) if self.clip_sample else x0
+
+    def posterior_mean(self, x0: torch.Tensor, x_k: torch.Tensor, k: Steps) -> torch.Tensor:
+        """Mean of q(x_{k-1} | x_k, x_0) (Ho et al. Eq. 7): c0 x_0 + ck x_k, ``[B, C, H, W]``.
+        With the unclipped x0_hat of eps it equals Eq. 4's mu exactly."""
+        idx = self._k(k, x_k.shape[0]) - 1
+        abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        c0 = self._take(abar_prev_all.sqrt() * self.betas / (1.0 - self.alphas_cumprod), idx, x_k)
+        ck = self._take(self.alphas.sqrt() * (1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod), idx, x_k)
+        return c0 * x0 + ck * x_k
+
+    def variance(self, k: Steps, like: torch.Tensor) -> torch.Tensor:
+        """Sigma of the reverse step, ``[B, 1, 1, 1]``: beta_k (Sec. 5.1) or, with the posterior
+        variance, beta~_k = (1 - alphabar_{k-1}) / (1 - alphabar_k) beta_k."""
+        idx = self._k(k, like.shape[0]) - 1
+        if self.variance_kind == "posterior":
+            abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+            return self._take((1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod) * self.betas, idx, like)
+        return self._take(self.betas, idx, like)
+
     def p_mean_variance(self, eps: torch.Tensor, x_k: torch.Tensor, k: Steps) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 4: mu = (x_k - beta_k / sqrt(1 - alphabar_k) eps) / sqrt(alpha_k); var = beta_k.
 
@@ -169,22 +196,13 @@ class DDPMSchedule:
         x0_hat = (x_k - sqrt(1 - alphabar_k) eps) / sqrt(alphabar_k) clipped to [-1, 1] (equal
         to Eq. 4 when nothing is clipped). With the posterior variance, var = beta~_k.
         """
-        idx = self._k(k, x_k.shape[0]) - 1
-        beta = self._take(self.betas, idx, x_k)
-        abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
-        if self.variance == "posterior":
-            var = self._take((1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod) * self.betas, idx, x_k)
-        else:
-            var = beta
+        var = self.variance(k, x_k)
         if not self.clip_sample:
+            idx = self._k(k, x_k.shape[0]) - 1
             coef = self._take(self.betas / (1.0 - self.alphas_cumprod).sqrt(), idx, x_k)
             inv_sqrt_alpha = self._take(self.alphas.rsqrt(), idx, x_k)
             return inv_sqrt_alpha * (x_k - coef * eps), var
-        abar = self._take(self.alphas_cumprod, idx, x_k)
-        x0 = ((x_k - (1.0 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1.0, 1.0)
-        c0 = self._take(abar_prev_all.sqrt() * self.betas / (1.0 - self.alphas_cumprod), idx, x_k)
-        ck = self._take(self.alphas.sqrt() * (1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod), idx, x_k)
-        return c0 * x0 + ck * x_k, var
+        return self.posterior_mean(self.predict_x0(eps, x_k, k), x_k, k), var
 
     def p_sample(self, mean: torch.Tensor, var: torch.Tensor, k: Steps, noise: Optional[torch.Tensor]) -> torch.Tensor:
         """x_{k-1} = mean + sqrt(var) noise, with no noise where k = 1 (``noise`` may be None then)."""
@@ -199,17 +217,27 @@ class DDPMSchedule:
     # ------------------------------------------------------------------ Eq. 7
     def guided_reverse_step(self, eps_model: EpsFn, x_k: torch.Tensor, k: Steps, noise: Optional[torch.Tensor],
                             cond_fn: Optional[CondFn] = None, scale: float = 0.0,
-                            guide_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            guide_mask: Optional[torch.Tensor] = None, space: str = "x_k") -> torch.Tensor:
         """One reverse step x_k -> x_{k-1}, optionally guided (Eq. 4, 7, 8).
 
-        ``mu_hat = mu - scale * beta_k * cond_fn(x_k, k)``: with ``cond_fn`` the gradient of
-        a loss, this *lowers* the loss (the paper's Eq. 7 writes ``+``; DESIGN.md sec. 3).
-        ``x_{k-1} = mu_hat + sqrt(beta_k) noise`` (no noise at k = 1).
+        ``space="x_k"`` (the paper): ``mu_hat = mu - scale * beta_k * cond_fn(x_k, k)``: with
+        ``cond_fn`` the gradient of a loss, this *lowers* the loss (the paper's Eq. 7 writes
+        ``+``; DESIGN.md sec. 3). ``x_{k-1} = mu_hat + sqrt(beta_k) noise`` (no noise at k = 1).
+
+        ``space="x0_hat"`` (an option beyond the paper): the loss is evaluated on the denoised
+        estimate x0_hat (:meth:`predict_x0`) instead of the noisy x_k, and the estimate takes a
+        gradient step, ``x0' = x0_hat - scale * cond_fn(x0_hat, k)`` (clipped with
+        ``clip_sample``); ``mu_hat`` is the posterior mean from x0' (:meth:`posterior_mean`).
+        The segmenter then reads an image like the ones it was trained on (a clean estimate,
+        not an image at noise level k), and the push on x_{k-1} is c0_k * scale * grad: small
+        at large k, where the next UNet calls still re-denoise it, and the full step at k = 1.
 
         ``guide_mask`` (bool, broadcastable to x, e.g. ``[B, 1, H, W]``): where False the
         unguided sample ``mu + sqrt(beta_k) noise`` (same noise) is taken instead.
         ``cond_fn`` is not called when it is None or ``scale == 0``. Returns a detached tensor.
         """
+        if space not in GUIDANCE_SPACES:
+            raise ValueError(f"guidance space must be one of {GUIDANCE_SPACES}, got {space!r}")
         B = x_k.shape[0]
         kt = self._k(k, B)
         x_k = x_k.detach()
@@ -218,8 +246,13 @@ class DDPMSchedule:
         unguided = self.p_sample(mean, var, kt, noise)
         if cond_fn is None or scale == 0:
             return unguided.detach()
-        grad = cond_fn(x_k, k)
-        guided = self.p_sample(mean - scale * var * grad, var, kt, noise)
+        if space == "x_k":
+            mean_hat = mean - scale * var * cond_fn(x_k, k)
+        else:
+            x0 = self.predict_x0(eps, x_k, kt)
+            x0 = x0 - scale * cond_fn(x0, k)
+            mean_hat = self.posterior_mean(x0.clamp(-1.0, 1.0) if self.clip_sample else x0, x_k, kt)
+        guided = self.p_sample(mean_hat, var, kt, noise)
         if guide_mask is not None:
             guided = torch.where(guide_mask.to(guided.device), guided, unguided)
         return guided.detach()

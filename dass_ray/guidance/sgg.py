@@ -194,23 +194,27 @@ def make_cond_fn(segmenter: Callable, y: torch.Tensor, module: str, num_classes:
 
 def gsg_step(eps_model: EpsFn, schedule: DDPMSchedule, x_k: torch.Tensor, k: Steps, noise: Optional[torch.Tensor],
              segmenter: Callable, y: torch.Tensor, scale: float, num_classes: int, *,
-             level: Optional[int] = None, ids: Optional[Sequence] = None) -> torch.Tensor:
-    """GSG (Eq. 10 in Eq. 7, 8): x_{k-1} ~ N(mu - scale beta_k grad L_global, beta_k)."""
+             level: Optional[int] = None, ids: Optional[Sequence] = None, space: str = "x_k") -> torch.Tensor:
+    """GSG (Eq. 10 in Eq. 7, 8): x_{k-1} ~ N(mu - scale beta_k grad L_global, beta_k).
+
+    ``space="x0_hat"``: L_global is evaluated on the denoised estimate (see
+    :meth:`DDPMSchedule.guided_reverse_step`)."""
     cond = make_cond_fn(segmenter, y, "gsg", num_classes, level=level, ids=ids)
-    return schedule.guided_reverse_step(eps_model, x_k, k, noise, cond, scale)
+    return schedule.guided_reverse_step(eps_model, x_k, k, noise, cond, scale, space=space)
 
 
 def lcg_step(eps_model: EpsFn, schedule: DDPMSchedule, x_k: torch.Tensor, k: Steps, noise: Optional[torch.Tensor],
              segmenter: Callable, y: torch.Tensor, scale: float, num_classes: int, *,
-             level: Optional[int] = None, ids: Optional[Sequence] = None) -> torch.Tensor:
+             level: Optional[int] = None, ids: Optional[Sequence] = None, space: str = "x_k") -> torch.Tensor:
     """LCG (Eq. 6-9): x_{k-1} = sum_c m_c x_{k-1,c}, all classes from ONE batched backward.
 
     Pixels in no class mask (label 255) take the unguided sample mu + sqrt(beta_k) z
-    (same z): ``where(ignore, unguided, guided)``.
+    (same z): ``where(ignore, unguided, guided)``. ``space="x0_hat"``: the masked copies are
+    of the denoised estimate (see :meth:`DDPMSchedule.guided_reverse_step`).
     """
     cond = make_cond_fn(segmenter, y, "lcg", num_classes, level=level, ids=ids)
     guide = (y != IGNORE).unsqueeze(1)  # [B, 1, H, W]
-    return schedule.guided_reverse_step(eps_model, x_k, k, noise, cond, scale, guide_mask=guide)
+    return schedule.guided_reverse_step(eps_model, x_k, k, noise, cond, scale, guide_mask=guide, space=space)
 
 
 # --------------------------------------------------------------------------- lambda
