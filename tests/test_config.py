@@ -123,6 +123,17 @@ def test_yaml_is_loaded_safely(tmp_path):
         load_config(p)
 
 
+def test_max_actor_restarts_checked():
+    assert ExperimentConfig().ray.max_actor_restarts == 3
+    assert from_dict(ExperimentConfig, {"ray": {"max_actor_restarts": 0}}).ray.max_actor_restarts == 0
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"ray": {"max_actor_restarts": -1}})
+    assert "'ray.max_actor_restarts'" in _msg(e) and "got -1" in _msg(e) and "an integer >= 0" in _msg(e)
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"ray": {"max_actor_restarts": 1.5}})
+    assert "'ray.max_actor_restarts'" in _msg(e) and "an integer" in _msg(e)
+
+
 def test_levels_with_stride():
     cfg = from_dict(ExperimentConfig, {"ptl": {"N": 10, "stride": 4}})
     assert cfg.ptl.levels() == [4, 8, 10]
