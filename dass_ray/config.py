@@ -384,6 +384,12 @@ class TrackingConfig:
         pass
 
 
+# Keys that change no output, left out of ExperimentConfig.hash(): a run can be resumed with
+# another value (after a PTL level failed on an actor's restarts, with more of them), and runs
+# made before the key existed keep their hash.
+UNHASHED: tuple[tuple[str, str], ...] = (("ray", "max_actor_restarts"),)
+
+
 @dataclass
 class ExperimentConfig:
     """A whole run: what to do (``method``) and one section per concern."""
@@ -415,8 +421,13 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self, *sections: str) -> str:
-        """A short stable hash of the whole config, or of the named sections only."""
+        """A short stable hash of the whole config, or of the named sections only.
+
+        Keys in :data:`UNHASHED` are left out.
+        """
         d = self.to_dict()
+        for section, key in UNHASHED:
+            d[section].pop(key)
         if sections:
             d = {s: d[s] for s in sections}
         blob = json.dumps(d, sort_keys=True, default=str).encode()

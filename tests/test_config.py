@@ -146,6 +146,9 @@ def test_hash_is_stable_and_sensitive():
     assert a.hash() == b.hash()
     assert set_path(a, "guidance.scale", 5.0).hash() != a.hash()
     assert a.hash("diffusion") == set_path(a, "guidance.scale", 5.0).hash("diffusion")
+    # ray.max_actor_restarts changes no output: not hashed (a failed level resumes with more restarts)
+    assert set_path(a, "ray.max_actor_restarts", 9).hash() == a.hash()
+    assert set_path(a, "ray.max_actor_restarts", 9).hash("ray") == a.hash("ray")
 
 
 def test_apply_overrides_does_not_mutate():
