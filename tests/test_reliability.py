@@ -457,7 +457,7 @@ def test_poison_batch_fails_the_level_then_resumes(digits_root, tmp_path, ray_lo
     assert done_levels(out) == [] and not (level_dir(out, 10) / "record.json").exists()
     assert took < 300
 
-    # the same call without the fault: resumes at level 10 and finishes it
+    # once the fault is gone, the same stage resumes at level 10 and finishes it
     assert run_ptl_stage(cfg, out, unet_path, g0_path) == [10]
     rec = json.loads((level_dir(out, 10) / "record.json").read_text())
     assert rec["actor_restarts"] == 0 and rec["translated"] == cfg.ptl.iters_per_level * cfg.ptl.batch_size
