@@ -335,6 +335,11 @@ class RayConfig:
     threads_per_actor: int = 1  # torch.set_num_threads in each actor
     object_store_mb: Optional[int] = 512  # local Ray only
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
+    # How often Ray Data may restart each translation actor of a PTL level after it died
+    # (its batch is retried on the restarted actor). Ray Data's own default is unlimited, so a
+    # batch that kills its actor every time would hang the run; once the restarts are used up
+    # the level fails, naming the batch. 0 = the first crash fails the level.
+    max_actor_restarts: int = 3
     # TEST-ONLY fault injection: each translation actor exits (os._exit) when it is handed
     # its (k+1)-th batch; Ray Data restarts it and retries the batch. None = off.
     fault_translator_after_batches: Optional[int] = None
@@ -348,6 +353,8 @@ class RayConfig:
         if self.threads_per_worker is not None:
             _check(self.threads_per_worker >= 1, "ray.threads_per_worker", self.threads_per_worker, "an integer >= 1 or null")
         _check(self.threads_per_actor >= 1, "ray.threads_per_actor", self.threads_per_actor, "an integer >= 1")
+        _check(self.max_actor_restarts >= 0, "ray.max_actor_restarts", self.max_actor_restarts,
+               "an integer >= 0 (restarts per translation actor and PTL level; 0: the first crash fails the level)")
         for k in ("cpus_per_worker", "gpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
             v = getattr(self, k)
             _finite(f"ray.{k}", v)
@@ -375,6 +382,12 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         pass
+
+
+# Keys that change no output, left out of ExperimentConfig.hash(): a run can be resumed with
+# another value (after a PTL level failed on an actor's restarts, with more of them), and runs
+# made before the key existed keep their hash.
+UNHASHED: tuple[tuple[str, str], ...] = (("ray", "max_actor_restarts"),)
 
 
 @dataclass
@@ -408,8 +421,13 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self, *sections: str) -> str:
-        """A short stable hash of the whole config, or of the named sections only."""
+        """A short stable hash of the whole config, or of the named sections only.
+
+        Keys in :data:`UNHASHED` are left out.
+        """
         d = self.to_dict()
+        for section, key in UNHASHED:
+            d[section].pop(key)
         if sections:
             d = {s: d[s] for s in sections}
         blob = json.dumps(d, sort_keys=True, default=str).encode()

@@ -123,6 +123,17 @@ def test_yaml_is_loaded_safely(tmp_path):
         load_config(p)
 
 
+def test_max_actor_restarts_checked():
+    assert ExperimentConfig().ray.max_actor_restarts == 3
+    assert from_dict(ExperimentConfig, {"ray": {"max_actor_restarts": 0}}).ray.max_actor_restarts == 0
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"ray": {"max_actor_restarts": -1}})
+    assert "'ray.max_actor_restarts'" in _msg(e) and "got -1" in _msg(e) and "an integer >= 0" in _msg(e)
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"ray": {"max_actor_restarts": 1.5}})
+    assert "'ray.max_actor_restarts'" in _msg(e) and "an integer" in _msg(e)
+
+
 def test_levels_with_stride():
     cfg = from_dict(ExperimentConfig, {"ptl": {"N": 10, "stride": 4}})
     assert cfg.ptl.levels() == [4, 8, 10]
@@ -135,6 +146,9 @@ def test_hash_is_stable_and_sensitive():
     assert a.hash() == b.hash()
     assert set_path(a, "guidance.scale", 5.0).hash() != a.hash()
     assert a.hash("diffusion") == set_path(a, "guidance.scale", 5.0).hash("diffusion")
+    # ray.max_actor_restarts changes no output: not hashed (a failed level resumes with more restarts)
+    assert set_path(a, "ray.max_actor_restarts", 9).hash() == a.hash()
+    assert set_path(a, "ray.max_actor_restarts", 9).hash("ray") == a.hash("ray")
 
 
 def test_apply_overrides_does_not_mutate():

@@ -19,6 +19,11 @@ The actor-failure and tracking-outage tests share one in-process run (module fix
 ``faulty_run``): ``ray.fault_translator_after_batches=1`` (TEST-ONLY) makes every translation
 actor exit on its second batch, a real ``mlflow server`` on 127.0.0.1 is stopped once the DDPM
 stage is done, and one source image is truncated with ``data.skip_bad: true``.
+
+A batch that kills its translation actor every time (``fail_after=0``) fails its PTL level once
+``ray.max_actor_restarts`` are used up, instead of being retried forever, and a re-run resumes
+at that level (``test_poison_batch_fails_the_level_then_resumes``: the PTL stage alone, with a
+random tiny UNet and g_0).
 """
 from __future__ import annotations
 
@@ -407,6 +412,66 @@ def test_tracking_outage_does_not_stop_the_run(faulty_run):
           f"{m['tracking_errors']} tracking errors")
     assert after < 300
     assert not (out / "mlflow.db").exists()  # nothing silently redirected to a local store
+
+
+# --------------------------------------------------------------------------- a poison batch: bounded restarts
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # unlimited restarts would hang here: fail the test instead of stalling CI
+def test_poison_batch_fails_the_level_then_resumes(digits_root, tmp_path, ray_local):
+    import torch
+
+    from dass_ray.checkpoints import save_state
+    from dass_ray.config import load_config
+    from dass_ray.data.layout import list_ids
+    from dass_ray.diffusion.unet import build_unet, save_unet
+    from dass_ray.segmenters import build_segmenter
+    from dass_ray.stages.common import source_train_ids
+    from dass_ray.stages.ptl import done_levels, level_dir, level_ids, run_ptl_stage
+    from dass_ray.stages.translator import TranslationActorError, translation_rows
+
+    cfg = load_config(SMOKE, [f"data.root={digits_root}", "ptl.N=10", "ray.max_actor_restarts=1"])
+    assert cfg.ptl.levels() == [10]
+    torch.manual_seed(0)
+    unet_path, g0_path = tmp_path / "unet.safetensors", tmp_path / "g0.safetensors"
+    save_unet(unet_path, build_unet(cfg.diffusion).eval())
+    seg = build_segmenter(cfg.segmenter, cfg.data.num_classes)
+    save_state(g0_path, {"model." + k: v for k, v in seg.state_dict().items()}, {"iter": "0"})
+    out = tmp_path / "run"
+    out.mkdir()
+
+    # fail_after=0: every actor process exits on its first batch, so a batch never gets through
+    t0 = time.time()
+    with pytest.raises(TranslationActorError) as e:
+        run_ptl_stage(cfg, out, unet_path, g0_path, fail_after=0)
+    took = time.time() - t0
+    msg = str(e.value)
+    print(f"\npoison batch: level failed after {took:.0f}s: {msg}")
+    source_ids = source_train_ids(cfg, list_ids(digits_root, "source", "train")[: cfg.data.max_samples])
+    batches = [r["ids"] for r in translation_rows({10: level_ids(cfg, source_ids, 10, 0)}, cfg.ptl.translate_batch_size)]
+    assert "PTL level 10 (rank 0) failed" in msg and "ray.max_actor_restarts=1" in msg, msg
+    assert any(f"ids {b}" in msg for b in batches), msg  # the batch being translated when an actor died
+    assert "re-running the same command resumes at level 10" in msg
+    # the actor started once and was restarted once (max_actor_restarts=1), then the level failed
+    assert len(list((level_dir(out, 10) / "actors-r0").glob("actor-*.json"))) == 2
+    assert done_levels(out) == [] and not (level_dir(out, 10) / "record.json").exists()
+    assert took < 300
+
+    # once the fault is gone, the same stage resumes at level 10 and finishes it
+    assert run_ptl_stage(cfg, out, unet_path, g0_path) == [10]
+    rec = json.loads((level_dir(out, 10) / "record.json").read_text())
+    assert rec["actor_restarts"] == 0 and rec["translated"] == cfg.ptl.iters_per_level * cfg.ptl.batch_size
+
+
+def test_crashed_batches_counts_the_dead_processes_per_batch(tmp_path):
+    from dass_ray.checkpoints import atomic_write_json
+    from dass_ray.stages.translator import crashed_batches
+
+    assert crashed_batches(tmp_path) == []
+    for pid, ids in ((11, ["a", "b"]), (12, ["c"]), (13, ["a", "b"])):
+        atomic_write_json(tmp_path / f"inflight-{pid}.json", {"pid": pid, "ids": ids})
+    (tmp_path / "inflight-14.json").write_text("{")  # cut short: skipped
+    assert crashed_batches(tmp_path) == [(["a", "b"], 2), (["c"], 1)]
 
 
 # --------------------------------------------------------------------------- corrupted checkpoint -> the previous one

@@ -23,6 +23,11 @@ sum_n n x iters x batch, not N(N+1)/2 x |X^S|.
 After a level: g_n checkpoint, the level's translated rows as Parquet (with
 provenance), and ``record.json`` (loss, mIoU when evaluated). Re-running resumes
 after the last level with a record.
+
+A translation actor that dies is restarted and its batch retried, up to
+``ray.max_actor_restarts`` times per actor and level; after that the level fails
+with a :class:`~dass_ray.stages.translator.TranslationActorError` naming the
+level and the batch, without a record, so a re-run resumes at that level.
 """
 from __future__ import annotations
 
@@ -160,7 +165,7 @@ def ptl_loop(loop_config: dict) -> None:
         consistency = ConfusionMatrix(cfg.data.num_classes)
         level_images: list[np.ndarray] = []
         replay: dict[str, list[np.ndarray]] = {"image": [], "source": [], "label": []}
-        for batch in ds.iter_batches(batch_size=cfg.ptl.batch_size, batch_format="numpy"):
+        for batch in _level_batches(ds, cfg, n, rank, events):
             if first_batch_s is None:
                 first_batch_s = time.time() - t_level
             x_t = to_diffusion(batch["image"])
@@ -226,6 +231,29 @@ def ptl_loop(loop_config: dict) -> None:
                   + f" ({record['seconds']:.1f}s)")
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         prev_ckpt = str(d / SEG_FILE)
+
+
+def _level_batches(ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
+    """``ds.iter_batches`` of level ``n``; translation actors that died with no restart left
+    (``ray.max_actor_restarts``) end it with a :class:`TranslationActorError` naming the level
+    and the batches that were being translated when they died."""
+    import ray.exceptions
+
+    from .translator import TranslationActorError, crashed_batches
+
+    try:
+        yield from ds.iter_batches(batch_size=cfg.ptl.batch_size, batch_format="numpy")
+    except ray.exceptions.RayActorError as e:
+        starts = len(list(events.glob("actor-*.json")))
+        batches = "; ".join(f"ids {ids} ({k} actor process(es) died on it)" for ids, k in crashed_batches(events)[:3])
+        first = (str(e).splitlines() or [""])[0]
+        raise TranslationActorError(
+            f"PTL level {n} (rank {rank}) failed: translation actors died and their ray.max_actor_restarts="
+            f"{cfg.ray.max_actor_restarts} restart(s) are used up ({starts} actor start(s) at this level; "
+            f"Ray: {type(e).__name__}: {first}). Batches in flight when actors died: {batches or 'none recorded'}. "
+            f"Level {n} is not recorded as done: re-running the same command resumes at level {n} (fix or remove "
+            f"those images; if the crashes are sporadic, raise ray.max_actor_restarts)."
+        ) from e
 
 
 def _replay(trainer, pool: dict[str, np.ndarray], cfg: ExperimentConfig, rng: np.random.Generator) -> list[float]:
@@ -338,6 +366,15 @@ def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path
                               "unet_path": str(unet_path), "source_ids": source_ids, "fail_after": fail_after},
                    cfg, run_dir, name="ptl")
         ok = True
+    except Exception as e:
+        # Ray Train wraps a worker's error (WorkerGroupError.worker_failures: rank -> error); a level
+        # that failed on its translation actors is raised as such, with its own message
+        from .translator import TranslationActorError
+
+        for err in (getattr(e, "worker_failures", None) or {}).values():
+            if isinstance(err, TranslationActorError):
+                raise TranslationActorError(str(err)) from e
+        raise
     finally:
         if logger is not None:
             logger.stop.set()
