@@ -89,6 +89,11 @@ def summary(results: dict) -> dict:
         b = statistics.mean(so[s] for s in common)
         o = statistics.mean(orc.values())
         out["gap_closed"] = (f - b) / (o - b) if o != b else None
+        # a from-scratch oracle run can stall at the all-background solution (seen on digits): the
+        # gap is also given against the best oracle run, next to the oracle's runs by seed
+        out["oracle_by_seed"] = dict(sorted(orc.items()))
+        ob = max(orc.values())
+        out["gap_closed_best_oracle"] = (f - b) / (ob - b) if ob != b else None
     return out
 
 
@@ -140,7 +145,13 @@ def table(results: dict) -> str:
         if "full_minus_wo_sgg" in s:
             rows.append(f"Full PTL minus PTL without SGG, paired by seed: {_ms(s['full_minus_wo_sgg'])}.")
         if s.get("gap_closed") is not None:
-            rows.append(f"Fraction of the source-only -> oracle gap closed by full PTL: {100 * s['gap_closed']:.0f} %.")
+            orc = s.get("oracle_by_seed", {})
+            rows.append(f"Fraction of the source-only -> oracle gap closed by full PTL: {100 * s['gap_closed']:.0f} % "
+                        f"against the mean oracle; oracle runs by seed: "
+                        f"{', '.join(f'{v:.1f} (seed {k})' for k, v in orc.items())}.")
+            if s.get("gap_closed_best_oracle") is not None and len(orc) > 1:
+                rows.append(f"Against the best oracle run ({max(orc.values()):.1f}): "
+                            f"{100 * s['gap_closed_best_oracle']:.0f} %.")
     return "\n".join(rows)
 
 

@@ -45,4 +45,12 @@ def test_summary_pairs_by_seed_and_tables_show_the_levels(abl):
     assert "| full (PTL + SGG, alternate) | 19.5 ± 2.1 | 2 | 1400 |" in t
     assert "| full (PTL + SGG, alternate) | 1000 | 30.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | 19.5 ± 2.1 |" in t
     assert "| w/o SGG (PTL unguided) | 500 | 50.0 ± 0.0 | 30.0 ± 0.0 |" in t
-    assert "gap closed by full PTL: 12 %" in t
+    assert "gap closed by full PTL: 12 % against the mean oracle; oracle runs by seed: 45.0 (seed 0)." in t
+    assert "best oracle run" not in t  # one oracle run: the mean is the best
+    # a stalled oracle run (all background) pulls the mean down: the best run is reported too
+    results["digits_oracle"]["runs"].append(abl.run_record(1, _metrics(13.0)))
+    s = abl.summary(results)
+    assert s["oracle_by_seed"] == {0: 45.0, 1: 13.0}
+    assert s["gap_closed"] == pytest.approx((19.5 - 16.0) / (29.0 - 16.0))
+    assert s["gap_closed_best_oracle"] == pytest.approx((19.5 - 16.0) / (45.0 - 16.0))
+    assert "Against the best oracle run (45.0): 12 %." in abl.table(results)
