@@ -144,8 +144,10 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
     run_dir = tmp_path / "run"
     try:
         _wait_http(f"{address}/api/version", head, timeout=120)
-        runtime_env = {"excludes": [".git", "runs", "data", "mlruns", ".pytest_cache", "**/__pycache__",
-                                    "*.egg-info", ".benchmarks", "bench_out"]}
+        # gitignore syntax: a leading "/" anchors to the working dir; an unanchored "data" would
+        # also drop the package's own dass_ray/data/ from the upload
+        runtime_env = {"excludes": ["/.git", "/runs", "/data", "/mlruns", ".pytest_cache", "**/__pycache__",
+                                    "*.egg-info", "/.benchmarks", "/bench_out"]}
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
              "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--log-style", "record",
