@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -167,37 +166,20 @@ def translation_rows(ids_per_level: dict[int, list[str]], batch_size: int) -> li
 
 def translation_dataset(cfg: ExperimentConfig, rows: list[dict], unet_path: str, segmenters: dict[int, Optional[str]],
                         fail_after: Optional[int] = None, events_dir: Optional[str] = None):
-    """A lazy Ray dataset: the rows through an actor pool of :class:`Translator`."""
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
-
+    """A lazy Ray dataset: the rows (one translation batch per block, so batches never merge across
+    levels) through an actor pool of :class:`Translator`."""
+    from ..ray_utils import actor_pool_dataset
     from .common import data_root
 
-    DataContext.get_current().execution_options.preserve_order = True
     r = cfg.ray
-    # one row (a translation batch) per block, so batches never merge across levels
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates **ray_remote_args (removal announced for 2.64) but has no named
-        # parameter for the two below; ray is pinned (==2.60.0), re-check them on an upgrade.
-        # Unfiltered, the warning is printed at every PTL level.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        return ds.map_batches(
-            Translator,
-            batch_size=1,
-            compute=ActorPoolStrategy(size=r.num_actors),
-            num_cpus=r.cpus_per_actor,
-            num_gpus=r.gpus_per_actor,
-            # Ray 2.60's actor pool defaults to max_restarts=-1: a batch that kills its actor every
-            # time is retried forever. Measured: with max_restarts=k an actor starts k+1 times, then
-            # the iterator raises ActorDiedError. max_task_retries=-1 retries the batch in flight on
-            # the restarted actor (with 0 it is lost: ActorUnavailableError at the first crash); it
-            # is bounded by the restarts.
-            max_restarts=r.max_actor_restarts,
-            max_task_retries=-1,
-            fn_constructor_kwargs=dict(
-                config=cfg.to_dict(), unet_path=str(unet_path), segmenters={int(k): v for k, v in segmenters.items()},
-                source_root=str(data_root(cfg)), source_domain=cfg.data.source_domain,
-                source_split=cfg.data.source_split, fail_after=fail_after, events_dir=events_dir,
-            ),
-        )
+    return actor_pool_dataset(
+        rows, Translator, r,
+        dict(config=cfg.to_dict(), unet_path=str(unet_path), segmenters={int(k): v for k, v in segmenters.items()},
+             source_root=str(data_root(cfg)), source_domain=cfg.data.source_domain,
+             source_split=cfg.data.source_split, fail_after=fail_after, events_dir=events_dir),
+        # Ray 2.60's actor pool defaults to max_restarts=-1: a batch that kills its actor every
+        # time is retried forever. Measured: with max_restarts=k an actor starts k+1 times, then
+        # the iterator raises ActorDiedError. max_task_retries=-1 retries the batch in flight on
+        # the restarted actor (with 0 it is lost: ActorUnavailableError at the first crash); it
+        # is bounded by the restarts.
+        max_restarts=r.max_actor_restarts, max_task_retries=-1)

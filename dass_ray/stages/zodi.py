@@ -247,20 +247,10 @@ class ZodiTransferActor:
 
 def transfer_dataset(cfg: ExperimentConfig, rows: list[dict]):
     """A lazy Ray dataset: the rows through an actor pool of :class:`ZodiTransferActor`."""
-    import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ..ray_utils import actor_pool_dataset
 
-    DataContext.get_current().execution_options.preserve_order = True
-    r = cfg.ray
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    return ds.map_batches(
-        ZodiTransferActor,
-        batch_size=1,
-        compute=ActorPoolStrategy(size=r.num_actors),
-        num_cpus=r.cpus_per_actor,
-        num_gpus=r.gpus_per_actor,
-        fn_constructor_kwargs=dict(config=cfg.to_dict(), source_root=str(common.data_root(cfg))),
-    )
+    return actor_pool_dataset(rows, ZodiTransferActor, cfg.ray,
+                              dict(config=cfg.to_dict(), source_root=str(common.data_root(cfg))))
 
 
 # --------------------------------------------------------------------------- transfer stage
