@@ -25,7 +25,7 @@ Decisions, each a plain function tested without Ray:
   holds 1 MiB of Ray's logical ``memory`` resource instead). The CPUs a trial
   holds at its peak are the PTL stage's train workers plus translation
   actors: ``demand = num_workers * cpus_per_worker + num_actors *
-  cpus_per_actor``. With ``k = min(max_concurrent, samples)`` trials at once
+  cpus_per_actor``. With ``k = min(max_concurrent, trials)`` trials at once
   and ``C`` cluster CPUs, each trial's budget is ``C / k``; when ``demand``
   exceeds it, ``cpus_per_worker`` and ``cpus_per_actor`` are multiplied by
   ``budget / demand`` (rounded down to 0.001) and the torch thread counts by
@@ -118,7 +118,7 @@ def sample_params(space: SearchSpace, rng: random.Random) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in space.params:
         lo_hi = p.values
-        if p.kind == "choice":
+        if p.kind in ("choice", "grid"):  # a grid point drawn at random: validity checks only
             out[p.path] = rng.choice(p.values)
         elif p.kind == "uniform":
             out[p.path] = rng.uniform(lo_hi[0], lo_hi[1])
@@ -200,7 +200,8 @@ def scale_cpus(cfg: ExperimentConfig, cluster_cpus: float, concurrent: int) -> t
 
 
 def effective_concurrency(space: SearchSpace, samples: int) -> int:
-    return max(1, min(space.max_concurrent, samples))
+    """Trials at once: ``max_concurrent``, or fewer when the sweep has fewer trials (grid points x samples)."""
+    return max(1, min(space.max_concurrent, space.trials(samples)))
 
 
 def max_reports(base: ExperimentConfig, space: SearchSpace) -> int:
@@ -416,7 +417,7 @@ def plot_objective(path: Path, results: list[TrialResult], space: SearchSpace) -
     shown = [r for r in results if r.objective is not None]
     for i, p in enumerate(space.params):
         ax = axes[i // ncol][i % ncol]
-        categorical = p.kind == "choice" and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+        categorical = p.kind in ("choice", "grid") and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                       for v in p.values)
         if categorical:
             labels = [str(v) for v in p.values]
@@ -626,7 +627,7 @@ def run_tune(cfg: ExperimentConfig, space_path: str | os.PathLike, out: Optional
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         concurrent = effective_concurrency(space, samples)
         base, factor = prepare_base(cfg, out, cluster_cpus, concurrent)
-        log(f"[tune] {samples} trials of {space.source} over '{cfg.name}', {concurrent} at once on {cluster_cpus:g} "
+        log(f"[tune] {space.trials(samples)} trials of {space.source} over '{cfg.name}', {concurrent} at once on {cluster_cpus:g} "
             f"CPUs; per trial: {base.ray.num_workers} x {base.ray.cpus_per_worker:g} CPU train workers + "
             f"{base.ray.num_actors} x {base.ray.cpus_per_actor:g} CPU actors (scale {factor:.3g}); out {out}")
         tracker.log_params({"tune.samples": samples, "tune.scheduler": sched, "tune.concurrent": concurrent,

@@ -12,7 +12,11 @@ Format::
       guidance.scale: {loguniform: [100, 10000]}
       ptl.stride: {randint: [50, 201]}              # [low, high)
       ptl.lr: {uniform: [0.001, 0.01]}
+      ptl.epochs_per_level: {grid: [20, 40]}        # every value: samples x 2 trials
 
+``grid`` is Ray Tune's ``grid_search``: every value is tried, and the other
+params are drawn ``samples`` times for each grid point, so a sweep runs
+``samples x`` (product of the grid sizes) trials (:meth:`SearchSpace.trials`).
 Every value a distribution can produce is checked against the experiment
 config (type and range) when the file is loaded, so a bad space fails before
 any trial starts.
@@ -28,7 +32,7 @@ import yaml
 
 from .config import ConfigError, ExperimentConfig, set_path
 
-Kind = Literal["choice", "uniform", "loguniform", "randint"]
+Kind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Param:
 
         if self.kind == "choice":
             return tune.choice(self.values)
+        if self.kind == "grid":
+            return tune.grid_search(self.values)
         if self.kind == "uniform":
             return tune.uniform(*self.values)
         if self.kind == "loguniform":
@@ -60,10 +66,18 @@ class SearchSpace:
     max_concurrent: int = 2
     source: Optional[str] = None
 
+    def trials(self, samples: Optional[int] = None) -> int:
+        """Trials a sweep runs: ``samples`` (default ``self.samples``) per point of the grid params."""
+        n = self.samples if samples is None else samples
+        for p in self.params:
+            if p.kind == "grid":
+                n *= len(p.values)
+        return n
+
     def check_against(self, cfg: ExperimentConfig) -> None:
         """Every value the space can produce must be valid for ``cfg`` (raises ConfigError)."""
         for p in self.params:
-            probes = p.values if p.kind == "choice" else (
+            probes = p.values if p.kind in ("choice", "grid") else (
                 [p.values[0], p.values[1] - 1] if p.kind == "randint" else list(p.values))
             for v in probes:
                 try:
@@ -112,14 +126,16 @@ def parse_space(data: dict, src: str = "<dict>") -> SearchSpace:
     params = []
     for path, dist in raw.items():
         if not isinstance(dist, dict) or len(dist) != 1:
-            raise _err(src, f"params.{path}", dist, "one of {choice: [...]}, {uniform: [lo, hi]}, "
+            raise _err(src, f"params.{path}", dist, "one of {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]}, "
                                                      "{loguniform: [lo, hi]}, {randint: [lo, hi]}")
         (kind, vals), = dist.items()
-        if kind not in ("choice", "uniform", "loguniform", "randint"):
-            raise _err(src, f"params.{path}", kind, "choice, uniform, loguniform or randint")
+        if kind not in ("choice", "grid", "uniform", "loguniform", "randint"):
+            raise _err(src, f"params.{path}", kind, "choice, grid, uniform, loguniform or randint")
         if not isinstance(vals, list) or not vals:
             raise _err(src, f"params.{path}.{kind}", vals, "a non-empty list")
-        if kind != "choice":
+        if kind == "grid" and len(set(map(repr, vals))) != len(vals):
+            raise _err(src, f"params.{path}.grid", vals, "distinct values (each is one grid point)")
+        if kind not in ("choice", "grid"):
             if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                          for v in vals) or not vals[0] < vals[1]:
                 raise _err(src, f"params.{path}.{kind}", vals, "[low, high] finite numbers with low < high")

@@ -67,6 +67,25 @@ def test_trial_config_invalid_combination_names_the_params(smoke):
         trial_config(smoke, {"nosection.x": 1})
 
 
+def test_grid_param_tries_every_value_per_sample(smoke):
+    from ray import tune
+
+    from dass_ray.tune_runner import effective_concurrency
+
+    space = parse_space({"samples": 2, "max_concurrent": 8, "params": {
+        "ptl.stride": {"grid": [5, 10]}, "ptl.epochs_per_level": {"grid": [1, 2, 4]},
+        "guidance.scale": {"loguniform": [1.0, 10.0]}}})
+    assert space.trials() == 12 and space.trials(1) == 6  # samples x 2 x 3
+    assert effective_concurrency(space, 1) == 6  # bounded by the trials, not by samples
+    stride = next(p for p in space.params if p.path == "ptl.stride")
+    assert stride.to_tune() == tune.grid_search([5, 10])
+    assert check_combinations(smoke, space)[1] == 0
+    with pytest.raises(ConfigError, match="distinct values"):
+        parse_space({"params": {"ptl.stride": {"grid": [5, 5]}}})
+    with pytest.raises(ConfigError, match="ptl.stride"):  # every grid value is checked against the config
+        parse_space({"params": {"ptl.stride": {"grid": [5, 0]}}})
+
+
 def test_check_combinations(smoke):
     ok, bad, _ = check_combinations(smoke, load_space(PTL_DIGITS))
     assert bad == 0 and ok > 0
