@@ -335,10 +335,11 @@ class RayConfig:
     threads_per_actor: int = 1  # torch.set_num_threads in each actor
     object_store_mb: Optional[int] = 512  # local Ray only
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
-    # How often Ray Data may restart each translation actor of a PTL level after it died
-    # (its batch is retried on the restarted actor). Ray Data's own default is unlimited, so a
-    # batch that kills its actor every time would hang the run; once the restarts are used up
-    # the level fails, naming the batch. 0 = the first crash fails the level.
+    # How often Ray Data may restart each translation actor of a PTL level, and each ZoDi
+    # transfer actor, after it died (its batch is retried on the restarted actor). Ray Data's
+    # own default is unlimited, so a batch that kills its actor every time would hang the run;
+    # once the restarts are used up the PTL level fails, naming the batch, or the ZoDi transfer
+    # fails, publishing nothing. 0 = the first crash fails the level / transfer.
     max_actor_restarts: int = 3
     # TEST-ONLY fault injection: each translation actor exits (os._exit) when it is handed
     # its (k+1)-th batch; Ray Data restarts it and retries the batch. None = off.
@@ -354,7 +355,8 @@ class RayConfig:
             _check(self.threads_per_worker >= 1, "ray.threads_per_worker", self.threads_per_worker, "an integer >= 1 or null")
         _check(self.threads_per_actor >= 1, "ray.threads_per_actor", self.threads_per_actor, "an integer >= 1")
         _check(self.max_actor_restarts >= 0, "ray.max_actor_restarts", self.max_actor_restarts,
-               "an integer >= 0 (restarts per translation actor and PTL level; 0: the first crash fails the level)")
+               "an integer >= 0 (restarts per translation actor and PTL level, or per ZoDi transfer actor; "
+               "0: the first crash fails the level / transfer)")
         for k in ("cpus_per_worker", "gpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
             v = getattr(self, k)
             _finite(f"ray.{k}", v)

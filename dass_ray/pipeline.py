@@ -95,6 +95,8 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
     cfg = absolute_paths(cfg)  # Ray workers do not share the driver's working directory
     t0 = time.time()
     rd = RunDir(out, cfg)
+    work_before = _work_s_before(rd)
+    ran_levels = False
     tracker = Tracker(cfg, rd.path)
     tracker.start(run_name=f"{cfg.name}-{rd.path.name}", resume_run_id=rd.state.get("mlflow_run_id"))
     if tracker.parent_run_id:
@@ -136,7 +138,7 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
                 metrics["segmenter_updates"] = cfg.segmenter.source_iters + extra
                 final_ckpt = rd.path / stage / EQUAL_FILE
         if cfg.method == "ptl":
-            from .stages.ptl import run_ptl_stage
+            from .stages.ptl import done_levels, run_ptl_stage
 
             if not rd.is_done("ddpm"):
                 unet_path = run_ddpm_stage(cfg, rd.path, tracker=tracker, log=log)
@@ -151,7 +153,9 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
             metrics["ddpm_frechet"] = rd.record("ddpm_samples").get("frechet")
             if fail_after is None:
                 fail_after = cfg.ray.fault_translator_after_batches  # test-only fault injection
+            levels_before = done_levels(rd.path)
             levels = run_ptl_stage(cfg, rd.path, unet_path, g0, tracker=tracker, log=log, fail_after=fail_after)
+            ran_levels = bool(set(levels) - set(levels_before))
             final_ckpt = _finish_ptl(cfg, rd, levels, metrics, res0, tracker)
         if cfg.method == "zodi":
             from .stages.zodi import run_zodi_stages
@@ -159,7 +163,11 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
             final_ckpt = run_zodi_stages(cfg, rd, metrics, tracker=tracker, log=log)
         metrics["skipped_samples"] = {**common.skipped_counts(rd.path),
                                       **({"eval_target_val": res0.get("skipped", 0)} if res0 else {})}
-        metrics["wall_s"] = round(time.time() - t0 + rd.state.get("wall_s_before", 0.0), 1)
+        # wall_s: the time the run's work took, summed over the invocations that did some. A re-run
+        # that found every stage and level done ran nothing: it keeps the total (it used to report
+        # its own few seconds).
+        wall_s = work_before + (time.time() - t0 if rd.marked or ran_levels else 0.0)
+        metrics["wall_s"] = round(wall_s, 1)
         metrics["tracking_errors"] = len(tracker.errors)
         atomic_write_json(rd.path / "metrics.json", metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -173,8 +181,22 @@ def run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None] = print,
         status = "FINISHED"
         return metrics
     finally:
-        rd.set("wall_s_before", rd.state.get("wall_s_before", 0.0) + (time.time() - t0 if status != "FINISHED" else 0))
+        # an interrupted invocation did (part of) the run's work: its time counts (a SIGKILLed one's is lost)
+        rd.set("work_s", wall_s if status == "FINISHED" else work_before + time.time() - t0)
         tracker.end(status=status)
+
+
+def _work_s_before(rd: RunDir) -> float:
+    """Seconds of the run's work done by earlier invocations (``state.json`` ``work_s``)."""
+    st = rd.state
+    if "work_s" in st:
+        return float(st["work_s"])
+    # a run directory of an earlier version: its state kept only the interrupted invocations
+    # ("wall_s_before"); when it finished, the total is the wall_s of its metrics.json
+    try:
+        return float(json.loads((rd.path / "metrics.json").read_text())["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float(st.get("wall_s_before", 0.0))
 
 
 def _finish_ptl(cfg: ExperimentConfig, rd: RunDir, levels: list[int], metrics: dict, res0: dict, tracker) -> Path:

@@ -31,6 +31,7 @@ class RunDir:
         self.path = Path(path).resolve()  # Ray workers do not share the driver's working directory
         self.cfg = cfg
         self.config_hash = cfg.hash()
+        self.marked: list[str] = []  # stages marked done through this object: the work of this invocation
         self.path.mkdir(parents=True, exist_ok=True)
         resolved = self.path / "config.resolved.yaml"
         if resolved.exists():
@@ -79,6 +80,7 @@ class RunDir:
         # how many times each stage actually ran (resume tests count these)
         st.setdefault("runs", {})[stage] = st.get("runs", {}).get(stage, 0) + 1
         self._write_state(st)
+        self.marked.append(stage)
 
     def set(self, key: str, value: Any) -> None:
         st = self.state

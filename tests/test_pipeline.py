@@ -121,6 +121,8 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
     assert main(args) == 0
     assert (last / "record.json").exists() and (out / "metrics.json").exists()
     assert (first / "record.json").stat().st_mtime == first_mtime
+    # the redone level is the only work of this invocation (no stage is marked done): its time is added
+    assert json.loads((out / "metrics.json").read_text())["wall_s"] > m["wall_s"]
     state = json.loads((out / "state.json").read_text())
     assert state["runs"]["source"] == 1 and state["runs"]["ddpm"] == 1
 
@@ -156,3 +158,47 @@ def test_run_dir_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rd = RunDir("runs/x", ExperimentConfig())
     assert rd.path.is_absolute() and rd.path == (tmp_path / "runs" / "x").resolve()
+
+
+def test_wall_s_is_the_work_time_over_invocations_and_a_rerun_keeps_it(tmp_path, monkeypatch):
+    # metrics.json wall_s: the seconds of an interrupted and of a finishing invocation; a re-run of
+    # the finished run (nothing to do) keeps that total instead of reporting its own seconds. The
+    # stages are stand-ins that spend time on a fake clock: no Ray, no data.
+    import types
+
+    import dass_ray.pipeline as pl
+    import dass_ray.ray_utils
+    import dass_ray.stages.common
+    import dass_ray.stages.source
+    from dass_ray.config import absolute_paths, from_dict
+
+    clock = [1000.0]
+
+    def spend(s: float) -> None:
+        clock[0] += s
+
+    trained = []
+
+    def source_stage(cfg, out, **kw):
+        trained.append(1)
+        spend(30)
+        if len(trained) == 1:
+            raise KeyboardInterrupt  # the first invocation is interrupted in training
+
+    monkeypatch.setattr(pl, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(dass_ray.ray_utils, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(dass_ray.stages.common, "ensure_data", lambda cfg, log: spend(2))  # each invocation's start
+    monkeypatch.setattr(dass_ray.stages.source, "run_source_stage", source_stage)
+    monkeypatch.setattr(pl, "_eval_remote", lambda *a: spend(5) or {"miou": 50.0, "per_class": {}})
+    cfg = absolute_paths(from_dict(ExperimentConfig, {"method": "oracle", "tracking": {"enabled": False}}))
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pl.run(cfg, out, log=lambda m: None)  # 2 + 30 s
+    assert pl.run(cfg, out, log=lambda m: None)["wall_s"] == 32 + 2 + 30 + 5
+    assert pl.run(cfg, out, log=lambda m: None)["wall_s"] == 69  # everything done: +2 s of its own, not counted
+    assert len(trained) == 2 and json.loads((out / "metrics.json").read_text())["wall_s"] == 69
+    # a run directory finished by the previous version (state kept only the interrupted seconds)
+    state = json.loads((out / "state.json").read_text())
+    del state["work_s"]
+    (out / "state.json").write_text(json.dumps({**state, "wall_s_before": 32.0}))
+    assert pl.run(cfg, out, log=lambda m: None)["wall_s"] == 69

@@ -1,5 +1,6 @@
 """ZoDi stages: the transfer actor (in-process), the transfer stage's exactly-once parquet,
-the shared crop / flip of a (source, transferred, label) triple, and the whole pipeline (slow)."""
+the shared crop / flip of a (source, transferred, label) triple, a transfer actor that crashes
+on every batch (slow) and the whole pipeline (slow)."""
 import json
 from pathlib import Path
 
@@ -225,6 +226,25 @@ def test_zodi_experiments_load(path):
 
 
 # --------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # unlimited restarts would hang here: fail the test instead of stalling CI
+def test_transfer_actor_crashing_on_every_batch_fails_after_its_restarts(ray_local, layout, tmp_path):
+    import ray.exceptions
+
+    # max_actor_restarts=0: the first crash is final (each actor start costs ~10 s on 2 cores; the
+    # k+1 starts of a cap of k are measured by test_reliability's PTL poison-batch test)
+    cfg = from_dict(ExperimentConfig, {**_cfg(layout).to_dict(), "ray": {"max_actor_restarts": 0}})
+    with pytest.raises(zs.ZodiTransferActorError) as e:
+        zs.run_transfer(cfg, tmp_path, log=lambda m: None, fail_after=0)  # every actor exits on its first batch
+    msg = str(e.value)
+    assert isinstance(e.value.__cause__, ray.exceptions.ActorDiedError)
+    assert "ray.max_actor_restarts=0" in msg and "ActorDiedError" in msg, msg
+    assert "0 of 5 source ids had come out" in msg and "nothing was published" in msg, msg
+    assert "re-running the same command transfers all 5 ids again" in msg, msg
+    assert not (tmp_path / zs.TRANSFER_FILE).exists() and not (tmp_path / zs.MANIFEST_FILE).exists()
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / zs.IMAGES_DIR).iterdir())
+
 
 @pytest.mark.slow
 def test_zodi_smoke_pipeline_end_to_end(ray_local, tmp_path):

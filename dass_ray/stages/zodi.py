@@ -13,7 +13,10 @@
    stage fails naming the missing / duplicate ids) and the output is
    deterministic for ``zodi.seed`` (the noise of a sample is seeded by
    ``(seed, id)``, independent of batching and actors). Re-running with the
-   same transfer hash (:func:`transfer_hash`) reuses the file.
+   same transfer hash (:func:`transfer_hash`) reuses the file. A dead actor is
+   restarted and its batch retried at most ``ray.max_actor_restarts`` times per
+   actor; after that the transfer fails with :class:`ZodiTransferActorError`
+   and publishes nothing.
 2. **Adaptation** (:func:`adapt_loop`, Ray Train): ZoDi's Eq. 6-8,
    ``L = CE(H(F(I)), y) + CE(H(F(I')), y) + lambda (1 - cos(F(I), F(I')))``
    with ``lambda = segmenter.similarity_weight`` (0.1 in the paper), SGD with a
@@ -54,6 +57,10 @@ GRID_IDS = 8
 # splits only matter for training / evaluation).
 _TRANSFER_DATA_KEYS = ("dataset", "root", "source_domain", "source_split", "num_classes", "image_size",
                        "skip_bad", "max_samples", "seed")
+
+
+class ZodiTransferActorError(RuntimeError):
+    """A transfer actor died more often than ``ray.max_actor_restarts`` allows."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -152,7 +159,7 @@ class ZodiTransferActor:
     Also usable in-process without Ray (the tests call it directly).
     """
 
-    def __init__(self, config: dict, source_root: Optional[str] = None):
+    def __init__(self, config: dict, source_root: Optional[str] = None, fail_after: Optional[int] = None):
         import torch
 
         from ..ray_utils import pick_device
@@ -172,6 +179,7 @@ class ZodiTransferActor:
         self.weights_id = weights_id(self.comps)
         self.config_hash = transfer_hash(self.cfg)
         self.batches = 0
+        self.fail_after = fail_after  # fault injection for the reliability tests
 
     def _read(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
         from ..data.layout import read_sample
@@ -233,6 +241,8 @@ class ZodiTransferActor:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            os._exit(1)  # simulated actor crash (reliability test); Ray Data restarts the actor
         self.batches += 1
         cols: dict[str, list] = {}
         for ids in batch["ids"]:
@@ -245,12 +255,20 @@ class ZodiTransferActor:
         return {k: (_column(v) if k == "image" else np.asarray(v)) for k, v in cols.items()}
 
 
-def transfer_dataset(cfg: ExperimentConfig, rows: list[dict]):
-    """A lazy Ray dataset: the rows through an actor pool of :class:`ZodiTransferActor`."""
+def transfer_dataset(cfg: ExperimentConfig, rows: list[dict], fail_after: Optional[int] = None):
+    """A lazy Ray dataset: the rows through an actor pool of :class:`ZodiTransferActor`.
+
+    ``fail_after``: TEST-ONLY fault injection, each actor process exits when handed its
+    ``(fail_after + 1)``-th batch (0: on every batch)."""
     from ..ray_utils import actor_pool_dataset
 
     return actor_pool_dataset(rows, ZodiTransferActor, cfg.ray,
-                              dict(config=cfg.to_dict(), source_root=str(common.data_root(cfg))))
+                              dict(config=cfg.to_dict(), source_root=str(common.data_root(cfg)), fail_after=fail_after),
+                              # as for PTL translation (translator.translation_dataset): Ray 2.60's default,
+                              # max_restarts=-1, retries a batch that kills its actor forever; with k the
+                              # actor starts k+1 times, then the iterator raises (run_transfer names it).
+                              # max_task_retries=-1 retries the batch in flight on the restarted actor.
+                              max_restarts=cfg.ray.max_actor_restarts, max_task_retries=-1)
 
 
 # --------------------------------------------------------------------------- transfer stage
@@ -303,6 +321,19 @@ def check_exactly_once(expected: list[str], seen: list[str]) -> None:
         raise RuntimeError("zodi transfer: every source id must come out exactly once; " + "; ".join(parts))
 
 
+def _actor_died(e: BaseException) -> bool:
+    """Ray's actor-death error, as Ray Data 2.60 raises it from ``iter_batches`` once an actor's
+    restarts are used up (measured: the bare ``ActorDiedError``, a ``RayActorError``; not wrapped
+    in a ``RayTaskError``). Imports Ray only on this failure path."""
+    import sys
+
+    if "ray" not in sys.modules:  # an in-process rows_source (tests): Ray was never involved
+        return False
+    import ray.exceptions
+
+    return isinstance(e, ray.exceptions.RayActorError)
+
+
 def _restore_pngs(parquet: Path, images: Path) -> int:
     """Write ``images/<id>.png`` for rows whose PNG is missing (a resumed run); return how many."""
     t = read_transferred(parquet, ["id", "image_png"])
@@ -316,13 +347,16 @@ def _restore_pngs(parquet: Path, images: Path) -> int:
 
 
 def run_transfer(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Callable[[str], None] = print,
-                 rows_source: Optional[Callable[[ExperimentConfig, list[dict]], Any]] = None) -> dict:
+                 rows_source: Optional[Callable[[ExperimentConfig, list[dict]], Any]] = None,
+                 fail_after: Optional[int] = None) -> dict:
     """Transfer the source split into ``out_dir`` (parquet + PNGs + ``transfer.json``); return the manifest.
 
     Needs a running Ray (``ray_utils.ensure_ray``). Skips the work when
     ``out_dir`` already holds a complete transfer with the same
     :func:`transfer_hash` (``resumed: True`` in the result). ``rows_source``
     replaces :func:`transfer_dataset` (an iterable of numpy batches; tests).
+    Actors that died with no restart left raise :class:`ZodiTransferActorError`;
+    ``fail_after`` is :func:`transfer_dataset`'s TEST-ONLY fault injection.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -350,7 +384,7 @@ def run_transfer(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Callabl
         f"in {len(rows)} batches of {cfg.zodi.batch_size} on {cfg.ray.num_actors} actor(s)")
     t0 = time.time()
     if rows_source is None:
-        ds = transfer_dataset(cfg, rows)
+        ds = transfer_dataset(cfg, rows, fail_after=fail_after)
         batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     else:
         batches = rows_source(cfg, rows)
@@ -392,10 +426,19 @@ def run_transfer(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Callabl
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, parquet)
-    except BaseException:
+    except BaseException as e:
         writer.close()
         if tmp_path.exists():
             tmp_path.unlink()
+        if _actor_died(e):
+            first = (str(e).splitlines() or [""])[0]
+            raise ZodiTransferActorError(
+                f"zodi transfer failed: a transfer actor died more than ray.max_actor_restarts="
+                f"{cfg.ray.max_actor_restarts} time(s) (Ray: {type(e).__name__}: {first}); {len(seen)} of "
+                f"{len(ids)} source ids had come out. The transfer is all-or-nothing: nothing was published "
+                f"({TRANSFER_FILE} and {MANIFEST_FILE} are not written) and re-running the same command "
+                f"transfers all {len(ids)} ids again (if the crashes are sporadic, raise ray.max_actor_restarts)."
+            ) from e
         raise
     n_ok = len(seen) - len(skipped)
     manifest = {
