@@ -64,16 +64,26 @@ def _ms(xs: list) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.1f} ± {sd:.1f}"
+    if len(xs) == 1:
+        return f"{xs[0]:.1f} (1 run)"  # not "± 0.0": one run has no spread
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
 
 def _by_seed(results: dict, name: str, key: str = "target_miou") -> dict[int, float]:
     return {r["seed"]: r[key] for r in results.get(name, {}).get("runs", []) if r.get(key) is not None}
 
 
+# Paired differences by seed (a minus b) of the paper's ordering, Tab. 2: full > w/o PTL > baseline > source-only
+PAIRS = (
+    ("full_minus_wo_ptl", "digits_ptl", "digits_ablation_wo_ptl", "Full PTL minus w/o PTL (one level n = N, SGG with g_0)"),
+    ("wo_ptl_minus_baseline", "digits_ablation_wo_ptl", "digits_baseline", "W/o PTL minus the baseline (phi^N, no SGG)"),
+    ("baseline_minus_source_only", "digits_baseline", "digits_source_only", "Baseline minus source-only (equal budget)"),
+)
+
+
 def summary(results: dict) -> dict:
-    """The issue-8 figures: paired gains over source-only (equal budget) and over w/o SGG, gap closed."""
+    """The issue-8 figures: paired gains over source-only (equal budget) and over w/o SGG, gap closed;
+    and the paired steps of the paper's ordering (:data:`PAIRS`) where both variants ran."""
     full, so = _by_seed(results, "digits_ptl"), _by_seed(results, "digits_source_only")
     wo = _by_seed(results, "digits_ablation_wo_sgg")
     orc = _by_seed(results, "digits_oracle")
@@ -84,6 +94,11 @@ def summary(results: dict) -> dict:
     common_wo = sorted(set(full) & set(wo))
     if common_wo:
         out["full_minus_wo_sgg"] = [full[s] - wo[s] for s in common_wo]
+    for key, a_name, b_name, _ in PAIRS:
+        a, b = _by_seed(results, a_name), _by_seed(results, b_name)
+        both = sorted(set(a) & set(b))
+        if both:
+            out[key] = [a[s] - b[s] for s in both]
     if common and orc:
         f = statistics.mean(full[s] for s in common)
         b = statistics.mean(so[s] for s in common)
@@ -144,6 +159,9 @@ def table(results: dict) -> str:
             rows.append(f"Full PTL minus source-only (equal budget), paired by seed: {_ms(s['full_minus_source_only'])}.")
         if "full_minus_wo_sgg" in s:
             rows.append(f"Full PTL minus PTL without SGG, paired by seed: {_ms(s['full_minus_wo_sgg'])}.")
+        for key, _, _, text in PAIRS:
+            if key in s:
+                rows.append(f"{text}, paired by seed: {_ms(s[key])} ({', '.join(f'{d:+.1f}' for d in s[key])}).")
         if s.get("gap_closed") is not None:
             orc = s.get("oracle_by_seed", {})
             rows.append(f"Fraction of the source-only -> oracle gap closed by full PTL: {100 * s['gap_closed']:.0f} % "

@@ -9,7 +9,8 @@ Measured side by side in one run on this machine with the ``digits`` default UNe
 - ``batched_lcg_speedup``: naive per-class LCG (``lcg_loss_naive`` + backward) /
   batched LCG (``lcg_loss_batched`` + backward) with >= 5 classes present per image;
 - ``actors2_over_actors1``: images/s through ``translation_dataset`` with 2 actors
-  (1 CPU, 1 thread each) / 1 actor (1 thread; and 2 threads);
+  (1 CPU, 1 thread each) / 1 actor (1 thread; and 2 threads); beside it the machine's
+  ceiling: 2 plain processes / 1 on the same batches, without Ray (``machine_ceiling``);
 - ``pool_over_loop``: 1-actor Ray Data images/s / the plain in-process loop calling
   ``translate_level`` on the same batches (after actor start-up and overall);
 - ``profile``: torch.profiler over one LCG and one GSG step: the share of UNet forward,
@@ -303,6 +304,40 @@ def loop_throughput(cfg, rows, unet_path: str, seg_path, threads: int) -> dict:
             "overall_images_per_s": n / (t1 - t_setup), "seconds": t1 - t0, "load": load()}
 
 
+def _loop_process(cfg, rows, unet_path: str, seg_path, ready, go, q) -> None:
+    """One process of :func:`machine_scaling`: load the models, wait for the others, translate."""
+    torch.set_num_threads(1)
+    loop_throughput(cfg, rows[:1], unet_path, seg_path, threads=1)  # warm-up: model load, first kernels
+    ready.put(os.getpid())
+    go.wait()
+    q.put(loop_throughput(cfg, rows, unet_path, seg_path, threads=1)["images_per_s"])
+
+
+def machine_scaling(cfg, rows, unet_path: str, seg_path, procs: int) -> dict:
+    """What this machine gives ``procs`` independent processes of the translation workload.
+
+    Each process runs the plain loop (1 torch thread) over the same rows, all starting
+    together after loading their models; no Ray. 2 processes / 1 process is the ceiling
+    for Ray Data's 2-actor scaling on this machine (cores that share a host, memory
+    bandwidth and turbo clocks are invisible from inside the VM).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, q, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    ps = [ctx.Process(target=_loop_process, args=(cfg, rows, unet_path, str(seg_path), ready, go, q))
+          for _ in range(procs)]
+    for p in ps:
+        p.start()
+    for _ in ps:
+        ready.get(timeout=600)
+    go.set()
+    rates = [q.get(timeout=3600) for _ in ps]
+    for p in ps:
+        p.join()
+    return {"processes": procs, "images_per_s": sum(rates), "per_process_images_per_s": rates, "load": load()}
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -419,6 +454,10 @@ def main(argv=None) -> int:
             ray.shutdown()
         loop1b = loop_throughput(cfg, rows, str(unet_path), seg_path, threads=1)
         loop2 = None if quick else loop_throughput(cfg, rows, str(unet_path), seg_path, threads=2)
+        # the machine's own ceiling for 2 actors: 2 plain processes / 1, same batches, no Ray
+        m1 = machine_scaling(cfg, rows, str(unet_path), seg_path, procs=1)
+        m2 = machine_scaling(cfg, rows, str(unet_path), seg_path, procs=2)
+        rp["machine_scaling"] = {"processes1": m1, "processes2": m2}
         rp.update({"loop_threads1_before_ray": loop1, "loop_threads1_after_ray": loop1b, "loop_threads2": loop2,
                    "actors1_threads1": a1, "actors2_threads1": a2, "actors1_threads2": a1t2})
         # the loop reference: mean of the runs before and after the Ray measurements (load drifts)
@@ -441,6 +480,10 @@ def main(argv=None) -> int:
                              "actors1_threads1": a1["compute_window_images_per_s"],
                              "actors1_threads2": a1t2["compute_window_images_per_s"] if a1t2 else None},
             "actors_seen": a2["actors_seen"],
+            # 2 plain processes / 1 on the same batches (no Ray): what the cores give at best
+            "machine_ceiling": m2["images_per_s"] / m1["images_per_s"],
+            "of_machine_ceiling": (ratio(a2, a1, "compute_window_images_per_s") / (m2["images_per_s"] / m1["images_per_s"])
+                                   if a2["actors_seen"] == 2 else None),
             "note": "compute_window = images / (last batch end - first batch start) inside the actors (after "
                     "actor start-up); from_first_output = as the driver sees rows (Ray Data hands outputs over in "
                     "bursts, so this over-states the rate); overall includes actor start-up",

@@ -14,6 +14,12 @@ import torch
 from .config import RayConfig
 
 
+def error_summary(e: BaseException) -> str:
+    """``"TypeName: first line"`` of an error: Ray's actor-death errors run to dozens of lines
+    (the actor's whole traceback), and the messages that wrap them quote only this much."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
 def ensure_ray(cfg: RayConfig):
     import ray
 

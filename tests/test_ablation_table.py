@@ -44,7 +44,8 @@ def test_summary_pairs_by_seed_and_tables_show_the_levels(abl):
     t = abl.table(results)
     assert "| full (PTL + SGG, alternate) | 19.5 ± 2.1 | 2 | 1400 |" in t
     assert "| full (PTL + SGG, alternate) | 1000 | 30.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | 19.5 ± 2.1 |" in t
-    assert "| w/o SGG (PTL unguided) | 500 | 50.0 ± 0.0 | 30.0 ± 0.0 |" in t
+    assert "| w/o SGG (PTL unguided) | 500 | 50.0 (1 run) | 30.0 (1 run) |" in t  # one run: no "± 0.0"
+    assert "w/o PTL" not in t  # not run: no row, no paired line
     assert "gap closed by full PTL: 12 % against the mean oracle; oracle runs by seed: 45.0 (seed 0)." in t
     assert "best oracle run" not in t  # one oracle run: the mean is the best
     # a stalled oracle run (all background) pulls the mean down: the best run is reported too
@@ -54,3 +55,20 @@ def test_summary_pairs_by_seed_and_tables_show_the_levels(abl):
     assert s["gap_closed"] == pytest.approx((19.5 - 16.0) / (29.0 - 16.0))
     assert s["gap_closed_best_oracle"] == pytest.approx((19.5 - 16.0) / (45.0 - 16.0))
     assert "Against the best oracle run (45.0): 12 %." in abl.table(results)
+
+
+def test_the_papers_ordering_is_paired_by_seed(abl):
+    results = {
+        "digits_source_only": {"runs": [abl.run_record(k, _metrics(v)) for k, v in ((0, 15.0), (1, 17.0), (2, 16.0))]},
+        "digits_baseline": {"runs": [abl.run_record(k, _metrics(v)) for k, v in ((0, 18.0), (1, 16.0))]},
+        "digits_ablation_wo_ptl": {"runs": [abl.run_record(k, _metrics(v)) for k, v in ((0, 21.0), (1, 20.0), (2, 30.0))]},
+        "digits_ptl": {"runs": [abl.run_record(k, _metrics(v)) for k, v in ((0, 20.0), (1, 24.0), (2, 25.0))]},
+    }
+    s = abl.summary(results)
+    assert s["full_minus_wo_ptl"] == [-1.0, 4.0, -5.0]
+    assert s["wo_ptl_minus_baseline"] == [3.0, 4.0]  # seed 2 has no baseline run: left out, not paired across seeds
+    assert s["baseline_minus_source_only"] == [3.0, -1.0]
+    t = abl.table(results)
+    assert "Full PTL minus w/o PTL (one level n = N, SGG with g_0), paired by seed: -0.7 ± 4.5 (-1.0, +4.0, -5.0)." in t
+    assert "W/o PTL minus the baseline (phi^N, no SGG), paired by seed: 3.5 ± 0.7 (+3.0, +4.0)." in t
+    assert "| baseline (phi^N, no SGG) | 17.0 ± 1.4 | 2 | 1400 |" in t

@@ -474,6 +474,18 @@ def test_crashed_batches_counts_the_dead_processes_per_batch(tmp_path):
     assert crashed_batches(tmp_path) == [(["a", "b"], 2), (["c"], 1)]
 
 
+
+def test_error_summary_quotes_type_and_first_line_only():
+    from dass_ray.ray_utils import error_summary
+
+    class ActorDiedError(RuntimeError):
+        pass
+
+    e = ActorDiedError("The actor died unexpectedly.\nTraceback (most recent call last):\n  File ...")
+    assert error_summary(e) == "ActorDiedError: The actor died unexpectedly."
+    assert error_summary(ValueError()) == "ValueError: "
+
+
 # --------------------------------------------------------------------------- corrupted checkpoint -> the previous one
 
 def _flip(p: Path) -> None:

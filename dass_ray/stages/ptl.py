@@ -239,6 +239,7 @@ def _level_batches(ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
     and the batches that were being translated when they died."""
     import ray.exceptions
 
+    from ..ray_utils import error_summary
     from .translator import TranslationActorError, crashed_batches
 
     try:
@@ -246,11 +247,10 @@ def _level_batches(ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
     except ray.exceptions.RayActorError as e:
         starts = len(list(events.glob("actor-*.json")))
         batches = "; ".join(f"ids {ids} ({k} actor process(es) died on it)" for ids, k in crashed_batches(events)[:3])
-        first = (str(e).splitlines() or [""])[0]
         raise TranslationActorError(
             f"PTL level {n} (rank {rank}) failed: translation actors died and their ray.max_actor_restarts="
             f"{cfg.ray.max_actor_restarts} restart(s) are used up ({starts} actor start(s) at this level; "
-            f"Ray: {type(e).__name__}: {first}). Batches in flight when actors died: {batches or 'none recorded'}. "
+            f"Ray: {error_summary(e)}). Batches in flight when actors died: {batches or 'none recorded'}. "
             f"Level {n} is not recorded as done: re-running the same command resumes at level {n} (fix or remove "
             f"those images; if the crashes are sporadic, raise ray.max_actor_restarts)."
         ) from e

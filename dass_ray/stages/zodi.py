@@ -431,10 +431,11 @@ def run_transfer(cfg: ExperimentConfig, out_dir: str | os.PathLike, log: Callabl
         if tmp_path.exists():
             tmp_path.unlink()
         if _actor_died(e):
-            first = (str(e).splitlines() or [""])[0]
+            from ..ray_utils import error_summary
+
             raise ZodiTransferActorError(
                 f"zodi transfer failed: a transfer actor died more than ray.max_actor_restarts="
-                f"{cfg.ray.max_actor_restarts} time(s) (Ray: {type(e).__name__}: {first}); {len(seen)} of "
+                f"{cfg.ray.max_actor_restarts} time(s) (Ray: {error_summary(e)}); {len(seen)} of "
                 f"{len(ids)} source ids had come out. The transfer is all-or-nothing: nothing was published "
                 f"({TRANSFER_FILE} and {MANIFEST_FILE} are not written) and re-running the same command "
                 f"transfers all {len(ids)} ids again (if the crashes are sporadic, raise ray.max_actor_restarts)."
