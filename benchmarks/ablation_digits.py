@@ -81,24 +81,26 @@ PAIRS = (
 )
 
 
+def _paired(results: dict, a: str, b: str) -> list[float]:
+    """Variant ``a`` minus variant ``b`` on each seed both ran (empty when none)."""
+    xa, xb = _by_seed(results, a), _by_seed(results, b)
+    return [xa[s] - xb[s] for s in sorted(set(xa) & set(xb))]
+
+
 def summary(results: dict) -> dict:
     """The issue-8 figures: paired gains over source-only (equal budget) and over w/o SGG, gap closed;
     and the paired steps of the paper's ordering (:data:`PAIRS`) where both variants ran."""
     full, so = _by_seed(results, "digits_ptl"), _by_seed(results, "digits_source_only")
-    wo = _by_seed(results, "digits_ablation_wo_sgg")
     orc = _by_seed(results, "digits_oracle")
     out: dict = {}
     common = sorted(set(full) & set(so))
     if common:
         out["full_minus_source_only"] = [full[s] - so[s] for s in common]
-    common_wo = sorted(set(full) & set(wo))
-    if common_wo:
-        out["full_minus_wo_sgg"] = [full[s] - wo[s] for s in common_wo]
-    for key, a_name, b_name, _ in PAIRS:
-        a, b = _by_seed(results, a_name), _by_seed(results, b_name)
-        both = sorted(set(a) & set(b))
-        if both:
-            out[key] = [a[s] - b[s] for s in both]
+    for key, a_name, b_name in (("full_minus_wo_sgg", "digits_ptl", "digits_ablation_wo_sgg"),
+                                *((k, a, b) for k, a, b, _ in PAIRS)):
+        diffs = _paired(results, a_name, b_name)
+        if diffs:
+            out[key] = diffs
     if common and orc:
         f = statistics.mean(full[s] for s in common)
         b = statistics.mean(so[s] for s in common)

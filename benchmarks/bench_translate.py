@@ -472,6 +472,7 @@ def main(argv=None) -> int:
             return {k: ratio(a2, base, k) if a2["actors_seen"] == 2 else None
                     for k in ("overall_images_per_s", "compute_window_images_per_s", "from_first_output_images_per_s")}
 
+        ceiling = m2["images_per_s"] / m1["images_per_s"]
         result["actors2_over_actors1"] = {
             "goal": ">= 1.8",
             "vs_1actor_1thread": scaling(a1),
@@ -481,8 +482,8 @@ def main(argv=None) -> int:
                              "actors1_threads2": a1t2["compute_window_images_per_s"] if a1t2 else None},
             "actors_seen": a2["actors_seen"],
             # 2 plain processes / 1 on the same batches (no Ray): what the cores give at best
-            "machine_ceiling": m2["images_per_s"] / m1["images_per_s"],
-            "of_machine_ceiling": (ratio(a2, a1, "compute_window_images_per_s") / (m2["images_per_s"] / m1["images_per_s"])
+            "machine_ceiling": ceiling,
+            "of_machine_ceiling": (ratio(a2, a1, "compute_window_images_per_s") / ceiling
                                    if a2["actors_seen"] == 2 else None),
             "note": "compute_window = images / (last batch end - first batch start) inside the actors (after "
                     "actor start-up); from_first_output = as the driver sees rows (Ray Data hands outputs over in "
