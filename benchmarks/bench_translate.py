@@ -98,7 +98,8 @@ def multiclass_labels(batch: int, size: int, num_classes: int, per_image: int, s
 
 def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi: torch.Tensor, reps: int) -> dict:
     from dass_ray.diffusion.schedule import DDPMSchedule, EpsModel
-    from dass_ray.guidance.sgg import gsg_step, lcg_loss_batched, lcg_loss_naive, lcg_step
+    from dass_ray.guidance.sgg import (gsg_step, lcg_loss_and_grad, lcg_loss_batched, lcg_loss_naive, lcg_pairs,
+                                       lcg_step)
 
     sched = DDPMSchedule(cfg.diffusion)
     eps = EpsModel(unet, cfg.diffusion.precision)
@@ -116,7 +117,8 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
     for name, y in (("digits_labels", y_digits), ("multiclass_labels", y_multi)):
         present = float((torch.stack([torch.bincount(yi[yi != 255].flatten(), minlength=C) > 0 for yi in y]))
                         .sum(1).float().mean())
-        lcg = timeit(lambda: lcg_step(eps, sched, xk, k, z, seg, y, scale, C), reps)
+        lcg = timeit(lambda: lcg_step(eps, sched, xk, k, z, seg, y, scale, C, lcg_chunk=cfg.guidance.lcg_chunk),
+                     reps)
         gsg = timeit(lambda: gsg_step(eps, sched, xk, k, z, seg, y, scale, C), reps)
         sgg = 0.5 * (lcg["median_s"] + gsg["median_s"])
         out[name] = {
@@ -134,15 +136,49 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
         (gr,) = torch.autograd.grad(fn(seg, xg, y_multi, C), xg)
         return gr
 
+    chunk = cfg.guidance.lcg_chunk
+
+    def chunked():  # what the guidance runs: lcg_loss_and_grad in chunks of guidance.lcg_chunk copies
+        return lcg_loss_and_grad(seg, xk, y_multi, C, chunk)[1]
+
     naive = timeit(lambda: lcg_grad(lcg_loss_naive), reps)
-    batched = timeit(lambda: lcg_grad(lcg_loss_batched), reps)
-    diff = float((lcg_grad(lcg_loss_naive) - lcg_grad(lcg_loss_batched)).abs().max())
+    batched = timeit(chunked, reps)
+    one = timeit(lambda: lcg_grad(lcg_loss_batched), reps)
+    diff = float((lcg_grad(lcg_loss_naive) - chunked()).abs().max())
     res["batched_lcg"] = {
         "classes_present_per_image": out["multiclass_labels"]["classes_present_per_image"],
+        "copies": int(lcg_pairs(y_multi, C)[0].numel()), "lcg_chunk": chunk,
         "naive": naive, "batched": batched, "speedup": naive["median_s"] / batched["median_s"],
+        "one_backward": one, "one_backward_speedup": naive["median_s"] / one["median_s"],
         "max_abs_grad_difference": diff,
     }
     return res
+
+
+def flop_bound(unet, seg, x: torch.Tensor, copies_digits: float, copies_multi: float) -> dict:
+    """Matmul/conv FLOPs per image (torch's FlopCounterMode): UNet forward, segmenter forward +
+    backward w.r.t. the input. At equal FLOP rates an LCG step with K masked copies costs
+    1 + K r unguided steps and a GSG step 1 + r (r = segmenter / UNet FLOPs): the SGG ratio
+    the models allow before any implementation cost is 1 + r (K + 1) / 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x1 = x[:1]
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        unet(x1, torch.tensor([300])).sample
+    unet_f = fc.get_total_flops()
+    xg = x1.detach().clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as fc:
+        out = seg(xg)
+        out = out if torch.is_tensor(out) else out[0]
+        out.logsumexp(1).sum().backward()  # input gradient only: the parameters are frozen
+    seg_f = fc.get_total_flops()
+    r = seg_f / unet_f
+    return {"unet_forward_mflop_per_image": unet_f / 1e6, "segmenter_fwd_bwd_input_mflop_per_image": seg_f / 1e6,
+            "segmenter_over_unet": r,
+            "sgg_over_unguided_digits_labels": 1 + r * (copies_digits + 1) / 2,
+            "sgg_over_unguided_multiclass_labels": 1 + r * (copies_multi + 1) / 2,
+            "gsg_over_unguided": 1 + r,
+            "note": "the SGG / unguided ratio at equal FLOP rates (conv and matmul FLOPs only)"}
 
 
 def bench_profile(cfg, unet, seg, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -276,15 +312,16 @@ def loop_throughput(cfg, rows, unet_path: str, seg_path, threads: int) -> dict:
     from dass_ray.diffusion.unet import load_unet
     from dass_ray.seg_training import load_trained
     from dass_ray.stages.common import data_root
-    from dass_ray.translate import translate_level
+    from dass_ray.translate import for_translation, translate_level
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t_setup = time.time()
-        unet = load_unet(unet_path, cfg.diffusion).eval()
+        # the same model preparation as the Ray actors (Translator), so the ratio compares like with like
+        unet = for_translation(load_unet(unet_path, cfg.diffusion))
         sched = DDPMSchedule(cfg.diffusion)
-        seg = load_trained(Path(seg_path), cfg.segmenter, cfg.data.num_classes).eval() if seg_path else None
+        seg = for_translation(load_trained(Path(seg_path), cfg.segmenter, cfg.data.num_classes)) if seg_path else None
         root = data_root(cfg)
         t0 = time.time()
         n = 0
@@ -344,7 +381,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller translation batches")
     ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--data-root", default=None, help="an existing digits build (default: build one into a tmp dir)")
+    ap.add_argument("--data-root", default=None,
+                    help="an existing digits build (default: the recipe's data.root when the demo built it there, "
+                         "else a new build in a tmp dir)")
     ap.add_argument("--skip-ray", action="store_true", help="only the in-process measurements")
     ap.add_argument("--worker-niceness", type=int, default=None,
                     help="RAY_worker_niceness for the local Ray (Ray's default runs workers at nice 15, which on a "
@@ -361,10 +400,13 @@ def main(argv=None) -> int:
     from dass_ray.data.digits import build_digits
     from dass_ray.diffusion.unet import build_unet, save_unet
     from dass_ray.segmenters import build_segmenter
+    from dass_ray.translate import for_translation
 
     quick = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="bench_translate_"))
-    root = Path(args.data_root).resolve() if args.data_root else tmp / "digits"
+    recipe_root = Path(load_config(CONFIG).data.root)  # the digits build is deterministic: reuse the demo's
+    root = (Path(args.data_root) if args.data_root
+            else recipe_root if (recipe_root / "digits.json").exists() else tmp / "digits").resolve()
     t0 = time.time()
     if not (root / "digits.json").exists():
         build_digits(root, seed=0)
@@ -373,9 +415,12 @@ def main(argv=None) -> int:
     # the respaced chain (diffusion.sample_steps reverse steps), 8 batches, so that each of 2
     # actors gets several and a batch's compute (seconds) dwarfs Ray Data's per-batch overhead
     # as in a real level (a toy level of 4 steps measured the overhead, not the pool).
-    tbatch = 8 if quick else 32  # ptl.translate_batch_size of the digits recipe is 32
-    n_images = 8 * tbatch
-    cfg = load_config(CONFIG, [f"data.root={root}", f"ptl.translate_batch_size={tbatch}"])
+    # --quick (a smoke run within 60 s: its ratios are not the measurement) shrinks that level
+    # to 6 batches of 4 images and 4 reverse steps, and skips the machine-ceiling processes.
+    tbatch = 4 if quick else 32  # ptl.translate_batch_size of the digits recipe is 32
+    n_images = (6 if quick else 8) * tbatch
+    cfg = load_config(CONFIG, [f"data.root={root}", f"ptl.translate_batch_size={tbatch}"]
+                      + (["diffusion.sample_steps=4"] if quick else []))
     level = cfg.ptl.N
     torch.set_num_threads(1)  # what a translation actor runs with (ray.threads_per_actor: 1)
     torch.manual_seed(0)
@@ -386,8 +431,10 @@ def main(argv=None) -> int:
     seg_path = tmp / "seg.safetensors"
     save_unet(unet_path, unet)
     save_state(seg_path, {"model." + k: v for k, v in seg.state_dict().items()})
+    # the step timings use the models as translation prepares them (channels-last on CPU)
+    unet, seg = for_translation(unet), for_translation(seg)
 
-    batch = 16 if quick else 32  # ptl.translate_batch_size of the digits default is 32
+    batch = 8 if quick else 32  # ptl.translate_batch_size of the digits default is 32
     x, y_dig, _ = digit_batch(root, batch, cfg.data.num_classes)
     y_multi = multiclass_labels(batch, 32, cfg.data.num_classes, per_image=6)
     reps = 2 if quick else 10
@@ -405,7 +452,10 @@ def main(argv=None) -> int:
                   "unet_params": sum(p.numel() for p in unet.parameters()),
                   "segmenter_params": sum(p.numel() for p in seg.parameters())},
     }
+    phases = {"setup_s": round(time.time() - t_all, 1)}
+    t_phase = time.time()
     st = bench_steps(cfg, unet, seg, x, y_dig, y_multi, reps)
+    phases["steps_s"] = round(time.time() - t_phase, 1)
     result["step_timings"] = st
     dig = st["steps"]["digits_labels"]
     mul = st["steps"]["multiclass_labels"]
@@ -419,14 +469,22 @@ def main(argv=None) -> int:
         "guided_images_per_s_digits": batch / (0.5 * (dig["lcg_step"]["median_s"] + dig["gsg_step"]["median_s"])),
         "note": "per reverse step, batch %d, torch threads 1; SGG = mean of one LCG and one GSG step" % batch,
     }
+    fb = flop_bound(unet, seg, x, dig["classes_present_per_image"], mul["classes_present_per_image"])
+    result["guided_over_unguided"]["flop_bound"] = fb
     bl = st["batched_lcg"]
     result["batched_lcg_speedup"] = {
         "speedup": bl["speedup"], "classes_present_per_image": bl["classes_present_per_image"],
         "naive_images_per_s": batch / bl["naive"]["median_s"],
         "batched_images_per_s": batch / bl["batched"]["median_s"],
+        "copies": bl["copies"], "lcg_chunk": bl["lcg_chunk"], "one_backward_speedup": bl["one_backward_speedup"],
+        # the naive loop runs every class over the whole batch (C x B copies), batched only the present pairs
+        "copy_ratio": cfg.data.num_classes * batch / bl["copies"],
         "max_abs_grad_difference": bl["max_abs_grad_difference"], "load": bl["batched"]["load"],
     }
+    t_phase = time.time()
     result["profile"] = bench_profile(cfg, unet, seg, x[:batch], y_dig[:batch])
+    phases["profile_s"] = round(time.time() - t_phase, 1)
+    t_phase = time.time()
 
     if not args.skip_ray:
         from dass_ray.ray_utils import ensure_ray
@@ -455,8 +513,8 @@ def main(argv=None) -> int:
         loop1b = loop_throughput(cfg, rows, str(unet_path), seg_path, threads=1)
         loop2 = None if quick else loop_throughput(cfg, rows, str(unet_path), seg_path, threads=2)
         # the machine's own ceiling for 2 actors: 2 plain processes / 1, same batches, no Ray
-        m1 = machine_scaling(cfg, rows, str(unet_path), seg_path, procs=1)
-        m2 = machine_scaling(cfg, rows, str(unet_path), seg_path, procs=2)
+        m1 = None if quick else machine_scaling(cfg, rows, str(unet_path), seg_path, procs=1)
+        m2 = None if quick else machine_scaling(cfg, rows, str(unet_path), seg_path, procs=2)
         rp["machine_scaling"] = {"processes1": m1, "processes2": m2}
         rp.update({"loop_threads1_before_ray": loop1, "loop_threads1_after_ray": loop1b, "loop_threads2": loop2,
                    "actors1_threads1": a1, "actors2_threads1": a2, "actors1_threads2": a1t2})
@@ -472,7 +530,7 @@ def main(argv=None) -> int:
             return {k: ratio(a2, base, k) if a2["actors_seen"] == 2 else None
                     for k in ("overall_images_per_s", "compute_window_images_per_s", "from_first_output_images_per_s")}
 
-        ceiling = m2["images_per_s"] / m1["images_per_s"]
+        ceiling = m2["images_per_s"] / m1["images_per_s"] if m1 else None
         result["actors2_over_actors1"] = {
             "goal": ">= 1.8",
             "vs_1actor_1thread": scaling(a1),
@@ -484,7 +542,7 @@ def main(argv=None) -> int:
             # 2 plain processes / 1 on the same batches (no Ray): what the cores give at best
             "machine_ceiling": ceiling,
             "of_machine_ceiling": (ratio(a2, a1, "compute_window_images_per_s") / ceiling
-                                   if a2["actors_seen"] == 2 else None),
+                                   if a2["actors_seen"] == 2 and ceiling else None),
             "note": "compute_window = images / (last batch end - first batch start) inside the actors (after "
                     "actor start-up); from_first_output = as the driver sees rows (Ray Data hands outputs over in "
                     "bursts, so this over-states the rate); overall includes actor start-up",
@@ -502,6 +560,8 @@ def main(argv=None) -> int:
                     "from dataset creation (actor start-up included) vs loop incl. model loading",
         }
     result["machine"]["load_at_end"] = load()
+    phases["ray_data_s"] = round(time.time() - t_phase, 1)
+    result["phases"] = phases
     result["total_s"] = round(time.time() - t_all, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=float))

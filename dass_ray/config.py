@@ -182,10 +182,16 @@ class GuidanceConfig:
     # "x0_hat" (beyond the paper: the denoised estimate takes the step x0_hat - lambda grad L,
     # the mean follows from it; DDPMSchedule.guided_reverse_step). lambda's scale differs between them.
     space: Literal["x_k", "x0_hat"] = "x_k"
+    # LCG's class-masked copies go through the segmenter in chunks of at most this many
+    # (0 = all at once). It changes no output (beyond float rounding; not hashed): it bounds
+    # LCG's memory at paper scale, and on CPU chunks of ~64 copies run faster per copy than
+    # one batch of ~200 (bench_translate's batched LCG). sgg.lcg_loss_and_grad.
+    lcg_chunk: int = 64
 
     def __post_init__(self) -> None:
         _finite("guidance.scale", self.scale)
         _check(self.scale >= 0, "guidance.scale", self.scale, "a finite number >= 0")
+        _check(self.lcg_chunk >= 0, "guidance.lcg_chunk", self.lcg_chunk, "an integer >= 0 (0 = all copies at once)")
 
 
 @dataclass
@@ -387,9 +393,9 @@ class TrackingConfig:
 
 
 # Keys that change no output, left out of ExperimentConfig.hash(): a run can be resumed with
-# another value (after a PTL level failed on an actor's restarts, with more of them), and runs
-# made before the key existed keep their hash.
-UNHASHED: tuple[tuple[str, str], ...] = (("ray", "max_actor_restarts"),)
+# another value (after a PTL level failed on an actor's restarts, with more of them; with another
+# LCG chunk size), and runs made before the key existed keep their hash.
+UNHASHED: tuple[tuple[str, str], ...] = (("ray", "max_actor_restarts"), ("guidance", "lcg_chunk"))
 
 
 @dataclass

@@ -149,6 +149,11 @@ def test_hash_is_stable_and_sensitive():
     # ray.max_actor_restarts changes no output: not hashed (a failed level resumes with more restarts)
     assert set_path(a, "ray.max_actor_restarts", 9).hash() == a.hash()
     assert set_path(a, "ray.max_actor_restarts", 9).hash("ray") == a.hash("ray")
+    # guidance.lcg_chunk neither (chunks of the same sum): runs made before it existed keep their hash
+    assert set_path(a, "guidance.lcg_chunk", 7).hash() == a.hash()
+    with pytest.raises(ConfigError) as e:
+        from_dict(ExperimentConfig, {"guidance": {"lcg_chunk": -2}})
+    assert "'guidance.lcg_chunk'" in _msg(e) and "got -2" in _msg(e)
 
 
 def test_apply_overrides_does_not_mutate():

@@ -10,6 +10,7 @@ from dass_ray.guidance.sgg import (
     gsg_loss,
     gsg_step,
     lcg_class_loss,
+    lcg_loss_and_grad,
     lcg_loss_batched,
     lcg_loss_naive,
     lcg_step,
@@ -78,6 +79,30 @@ def test_lcg_batched_equals_naive_loss_and_grad(setup):
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
     assert float(ga.abs().max()) > 0
     assert torch.all(ga.abs().sum(1)[y == 255] == 0)  # no class mask, no gradient
+
+
+def test_lcg_in_chunks_equals_one_backward(setup):
+    """Chunks of masked copies (memory bound at paper scale) give the one-backward loss and gradient."""
+    _, _, seg, y, _, x_k, _ = setup
+    xa = x_k.clone().requires_grad_(True)
+    la = lcg_loss_batched(seg, xa, y, C)
+    ga = torch.autograd.grad(la, xa)[0]
+    pairs = int(sum(len(set(yi[yi != 255].tolist())) for yi in y))
+    assert pairs > 3  # the chunk sizes below really split the copies
+    for chunk in (0, 1, 3, pairs, pairs + 5):
+        loss, grad = lcg_loss_and_grad(seg, x_k, y, C, chunk)
+        torch.testing.assert_close(loss, la.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, ga, rtol=1e-5, atol=1e-7)
+        assert not loss.requires_grad and not grad.requires_grad
+    # the step itself: chunked and one-shot LCG steps agree
+    sched, eps_model, k, z = setup[0], setup[1], setup[4], setup[6]
+    torch.testing.assert_close(lcg_step(eps_model, sched, x_k, k, z, seg, y, 1e4, C, lcg_chunk=2),
+                               lcg_step(eps_model, sched, x_k, k, z, seg, y, 1e4, C), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="LCG chunk must be >= 0"):
+        lcg_loss_and_grad(seg, x_k, y, C, -1)
+    # no labelled pixel: zero loss and gradient, no segmenter call needed
+    loss, grad = lcg_loss_and_grad(seg, x_k, torch.full_like(y, 255), C, 2)
+    assert float(loss) == 0 and float(grad.abs().max()) == 0
 
 
 def test_lcg_step_equals_eq9_per_class_combination(setup):

@@ -113,6 +113,26 @@ def gsg_loss(segmenter: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return _per_image_mean_ce(_logits(segmenter, x, y.shape[-2:]), y).sum()
 
 
+def lcg_pairs(y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (image, class) pairs LCG masks: ``(img [M], cls [M])``, every class present in each image, image-major."""
+    B = y.shape[0]
+    yc = torch.where(y != IGNORE, y, torch.full_like(y, num_classes))  # ignore -> extra bin
+    counts = torch.zeros(B, num_classes + 1, dtype=torch.long, device=y.device)
+    counts.scatter_add_(1, yc.flatten(1), torch.ones_like(yc.flatten(1)))
+    img, cls = (counts[:, :num_classes] > 0).nonzero(as_tuple=True)
+    return img, cls
+
+
+def _lcg_pairs_loss(segmenter: Callable, x: torch.Tensor, y: torch.Tensor, img: torch.Tensor,
+                    cls: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 over the given pairs: the masked copies ``x[img] * m_cls`` ``[M, 3, H, W]`` in one forward."""
+    H, W = y.shape[-2:]
+    masks = y[img] == cls.view(-1, 1, 1)  # [M, H, W]
+    xm = x[img] * masks.unsqueeze(1).to(x.dtype)  # [M, 3, H, W]
+    target = torch.where(masks, cls.view(-1, 1, 1).expand(-1, H, W), torch.full_like(masks, IGNORE, dtype=torch.long))
+    return _per_image_mean_ce(_logits(segmenter, xm, (H, W)), target).sum()
+
+
 def lcg_loss_batched(segmenter: Callable, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Eq. 6 summed over the classes present in each image, in ONE segmenter forward.
 
@@ -125,18 +145,38 @@ def lcg_loss_batched(segmenter: Callable, x: torch.Tensor, y: torch.Tensor, num_
     of this sum w.r.t. x equals, pixel by pixel, the gradient of the pixel's own
     class loss: one backward gives Eq. 9's per-class updates combined.
     """
-    B, _, H, W = x.shape
-    valid = y != IGNORE
-    yc = torch.where(valid, y, torch.full_like(y, num_classes))  # ignore -> extra bin
-    counts = torch.zeros(B, num_classes + 1, dtype=torch.long, device=y.device)
-    counts.scatter_add_(1, yc.flatten(1), torch.ones_like(yc.flatten(1)))
-    img, cls = (counts[:, :num_classes] > 0).nonzero(as_tuple=True)  # [M], [M]
+    img, cls = lcg_pairs(y, num_classes)
     if img.numel() == 0:
         return (x * 0).sum()
-    masks = y[img] == cls.view(-1, 1, 1)  # [M, H, W]
-    xm = x[img] * masks.unsqueeze(1).to(x.dtype)  # [M, 3, H, W]
-    target = torch.where(masks, cls.view(-1, 1, 1).expand(-1, H, W), torch.full_like(masks, IGNORE, dtype=torch.long))
-    return _per_image_mean_ce(_logits(segmenter, xm, (H, W)), target).sum()
+    return _lcg_pairs_loss(segmenter, x, y, img, cls)
+
+
+def lcg_loss_and_grad(segmenter: Callable, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                      chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_LCG, grad_x L_LCG)`` of :func:`lcg_loss_batched`, the masked copies in chunks of at most ``chunk``.
+
+    ``x [B, 3, H, W]`` (need not require grad) -> ``(loss scalar, grad [B, 3, H, W])``, both
+    detached. The loss is a sum over (image, class) pairs, so summing the chunks' losses
+    and gradients gives the same values (up to float rounding); each chunk's graph is freed
+    after its backward, so peak memory is that of ``chunk`` copies instead of all
+    ``sum_i |C_i|`` (19 classes of a batch of 512 x 1024 crops at paper scale).
+    ``chunk = 0``: all copies in one forward/backward.
+    """
+    if chunk < 0:
+        raise ValueError(f"LCG chunk must be >= 0 (0 = all copies at once), got {chunk}")
+    img, cls = lcg_pairs(y, num_classes)
+    x = x.detach().requires_grad_(True)
+    total, grad = torch.zeros((), dtype=x.dtype, device=x.device), torch.zeros_like(x)
+    step = chunk or max(int(img.numel()), 1)
+    with torch.enable_grad():
+        for s in range(0, int(img.numel()), step):
+            loss = _lcg_pairs_loss(segmenter, x, y, img[s:s + step], cls[s:s + step])
+            if loss.requires_grad:
+                (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+                if g is not None:
+                    grad += g
+            total = total + loss.detach()
+    return total, grad
 
 
 def lcg_class_loss(segmenter: Callable, x: torch.Tensor, y: torch.Tensor, c: int) -> torch.Tensor:
@@ -157,29 +197,32 @@ def lcg_loss_naive(segmenter: Callable, x: torch.Tensor, y: torch.Tensor, num_cl
 # --------------------------------------------------------------------------- cond_fn and steps
 
 def make_cond_fn(segmenter: Callable, y: torch.Tensor, module: str, num_classes: int, *,
-                 level: Optional[int] = None, ids: Optional[Sequence] = None) -> Callable[[torch.Tensor, Steps], torch.Tensor]:
+                 level: Optional[int] = None, ids: Optional[Sequence] = None,
+                 lcg_chunk: int = 0) -> Callable[[torch.Tensor, Steps], torch.Tensor]:
     """``cond_fn(x_k, k) -> grad_{x_k} L`` (``[B, 3, H, W]``) for ``module`` ``"lcg"`` or ``"gsg"``.
 
     Differentiates the segmenter (including its normalisation) at a detached copy of
     x_k. Raises :class:`GuidanceError` naming level n, step k and the sample ids when
     the loss or the gradient is not finite. ``level`` and ``ids`` only feed that message.
+    ``lcg_chunk``: at most this many LCG masked copies per segmenter forward/backward
+    (:func:`lcg_loss_and_grad`; 0 = all at once).
     """
     if module not in ("lcg", "gsg"):
         raise ValueError(f"guidance module must be 'lcg' or 'gsg', got {module!r}")
     check_labels(y, num_classes)
 
     def cond_fn(x_k: torch.Tensor, k: Steps) -> torch.Tensor:
-        with torch.enable_grad():
-            x = x_k.detach().requires_grad_(True)
-            if module == "gsg":
+        if module == "lcg":
+            loss, grad = lcg_loss_and_grad(segmenter, x_k, y, num_classes, lcg_chunk)
+        else:
+            with torch.enable_grad():
+                x = x_k.detach().requires_grad_(True)
                 loss = gsg_loss(segmenter, x, y)
-            else:
-                loss = lcg_loss_batched(segmenter, x, y, num_classes)
-            grad = None
-            if loss.requires_grad:
-                (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(x_k)
+                grad = None
+                if loss.requires_grad:
+                    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+            if grad is None:
+                grad = torch.zeros_like(x_k)
         finite = torch.isfinite(grad).flatten(1).all(1)
         if not bool(torch.isfinite(loss)) or not bool(finite.all()):
             batch_ids = list(ids) if ids is not None else list(range(x_k.shape[0]))
@@ -205,14 +248,16 @@ def gsg_step(eps_model: EpsFn, schedule: DDPMSchedule, x_k: torch.Tensor, k: Ste
 
 def lcg_step(eps_model: EpsFn, schedule: DDPMSchedule, x_k: torch.Tensor, k: Steps, noise: Optional[torch.Tensor],
              segmenter: Callable, y: torch.Tensor, scale: float, num_classes: int, *,
-             level: Optional[int] = None, ids: Optional[Sequence] = None, space: str = "x_k") -> torch.Tensor:
+             level: Optional[int] = None, ids: Optional[Sequence] = None, space: str = "x_k",
+             lcg_chunk: int = 0) -> torch.Tensor:
     """LCG (Eq. 6-9): x_{k-1} = sum_c m_c x_{k-1,c}, all classes from ONE batched backward.
 
     Pixels in no class mask (label 255) take the unguided sample mu + sqrt(beta_k) z
     (same z): ``where(ignore, unguided, guided)``. ``space="x0_hat"``: the masked copies are
-    of the denoised estimate (see :meth:`DDPMSchedule.guided_reverse_step`).
+    of the denoised estimate (see :meth:`DDPMSchedule.guided_reverse_step`). ``lcg_chunk``:
+    the batched backward split into chunks of at most that many copies (0 = one backward).
     """
-    cond = make_cond_fn(segmenter, y, "lcg", num_classes, level=level, ids=ids)
+    cond = make_cond_fn(segmenter, y, "lcg", num_classes, level=level, ids=ids, lcg_chunk=lcg_chunk)
     guide = (y != IGNORE).unsqueeze(1)  # [B, 1, H, W]
     return schedule.guided_reverse_step(eps_model, x_k, k, noise, cond, scale, guide_mask=guide, space=space)
 

@@ -45,12 +45,13 @@ class Translator:
         from ..diffusion.schedule import DDPMSchedule
         from ..diffusion.unet import load_unet
         from ..ray_utils import pick_device
+        from ..translate import for_translation
 
         self.cfg: ExperimentConfig = from_dict(ExperimentConfig, config)
         r = self.cfg.ray
         torch.set_num_threads(r.threads_per_actor)
         self.device = pick_device(r.device, r.gpus_per_actor)
-        self.unet = load_unet(unet_path, self.cfg.diffusion).to(self.device).eval()
+        self.unet = for_translation(load_unet(unet_path, self.cfg.diffusion), self.device)
         self.schedule = DDPMSchedule(self.cfg.diffusion).to(self.device)
         self.segmenters = {int(k): v for k, v in segmenters.items()}
         self.root = Path(source_root)
@@ -84,9 +85,10 @@ class Translator:
                     raise TimeoutError(f"segmenter checkpoint {path} for level {level} never appeared")
                 time.sleep(0.2)
             from ..seg_training import load_trained
+            from ..translate import for_translation
 
             seg = load_trained(Path(path), self.cfg.segmenter, self.cfg.data.num_classes)
-            self._seg = seg.to(self.device).eval()
+            self._seg = for_translation(seg, self.device)
             self._seg_path = path
             self._seg_id = checkpoint_id(path)
         return self._seg, self._seg_id
