@@ -58,6 +58,22 @@ def timeit(fn, reps: int, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps, "load": load()}
 
 
+def timeit_together(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """:func:`timeit` for several functions, their repetitions interleaved (A B C A B C ...):
+    a ratio of two of them is then not skewed by load or clock drift between their runs."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ts: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    ld = load()
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "reps": reps, "load": ld} for name, v in ts.items()}
+
+
 # --------------------------------------------------------------------------- inputs
 
 def digit_batch(root: Path, n: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -112,14 +128,19 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
         p.requires_grad_(False)
 
     res: dict = {"batch": int(x.shape[0]), "k": k, "torch_threads": torch.get_num_threads()}
-    un = timeit(lambda: sched.guided_reverse_step(eps, xk, k, z), reps)
+    labels = {"digits_labels": y_digits, "multiclass_labels": y_multi}
+    fns = {"unguided": lambda: sched.guided_reverse_step(eps, xk, k, z)}
+    for name, y in labels.items():
+        fns[name + "/lcg"] = lambda y=y: lcg_step(eps, sched, xk, k, z, seg, y, scale, C,
+                                                  lcg_chunk=cfg.guidance.lcg_chunk)
+        fns[name + "/gsg"] = lambda y=y: gsg_step(eps, sched, xk, k, z, seg, y, scale, C)
+    t = timeit_together(fns, reps)
+    un = t["unguided"]
     out = {"unguided_step": un}
-    for name, y in (("digits_labels", y_digits), ("multiclass_labels", y_multi)):
+    for name, y in labels.items():
         present = float((torch.stack([torch.bincount(yi[yi != 255].flatten(), minlength=C) > 0 for yi in y]))
                         .sum(1).float().mean())
-        lcg = timeit(lambda: lcg_step(eps, sched, xk, k, z, seg, y, scale, C, lcg_chunk=cfg.guidance.lcg_chunk),
-                     reps)
-        gsg = timeit(lambda: gsg_step(eps, sched, xk, k, z, seg, y, scale, C), reps)
+        lcg, gsg = t[name + "/lcg"], t[name + "/gsg"]
         sgg = 0.5 * (lcg["median_s"] + gsg["median_s"])
         out[name] = {
             "classes_present_per_image": present,
@@ -141,9 +162,9 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
     def chunked():  # what the guidance runs: lcg_loss_and_grad in chunks of guidance.lcg_chunk copies
         return lcg_loss_and_grad(seg, xk, y_multi, C, chunk)[1]
 
-    naive = timeit(lambda: lcg_grad(lcg_loss_naive), reps)
-    batched = timeit(chunked, reps)
-    one = timeit(lambda: lcg_grad(lcg_loss_batched), reps)
+    t = timeit_together({"naive": lambda: lcg_grad(lcg_loss_naive), "batched": chunked,
+                         "one": lambda: lcg_grad(lcg_loss_batched)}, reps)
+    naive, batched, one = t["naive"], t["batched"], t["one"]
     diff = float((lcg_grad(lcg_loss_naive) - chunked()).abs().max())
     res["batched_lcg"] = {
         "classes_present_per_image": out["multiclass_labels"]["classes_present_per_image"],
@@ -412,13 +433,14 @@ def main(argv=None) -> int:
         build_digits(root, seed=0)
     t_data = time.time() - t0
     # The Ray Data part translates what one PTL level of the digits recipe does: level N with
-    # the respaced chain (diffusion.sample_steps reverse steps), 8 batches, so that each of 2
+    # the respaced chain (diffusion.sample_steps reverse steps), 12 batches, so that each of 2
     # actors gets several and a batch's compute (seconds) dwarfs Ray Data's per-batch overhead
-    # as in a real level (a toy level of 4 steps measured the overhead, not the pool).
+    # as in a real level (a toy level of 4 steps measured the overhead, not the pool). With 8
+    # batches the second actor's later start (a few s) weighed ~10 % in the 2-actor window.
     # --quick (a smoke run within 60 s: its ratios are not the measurement) shrinks that level
     # to 6 batches of 4 images and 4 reverse steps, and skips the machine-ceiling processes.
     tbatch = 4 if quick else 32  # ptl.translate_batch_size of the digits recipe is 32
-    n_images = (6 if quick else 8) * tbatch
+    n_images = (6 if quick else 12) * tbatch
     cfg = load_config(CONFIG, [f"data.root={root}", f"ptl.translate_batch_size={tbatch}"]
                       + (["diffusion.sample_steps=4"] if quick else []))
     level = cfg.ptl.N
