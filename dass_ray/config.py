@@ -333,7 +333,9 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     # torch threads of a DDPM / source training worker; None = max(1, int(cpus_per_worker)).
-    # PTL workers use int(cpus_per_worker): they share the CPUs with the translation actors.
+    # PTL workers use int(cpus_per_worker) while a level translates (they share the CPUs with
+    # the translation actors) and this many again for the level's replay epochs and evaluation
+    # once its actors are done, when there is one worker (RayConfig.replay_threads).
     threads_per_worker: Optional[int] = None
     num_actors: int = 1  # translation actor pool size
     cpus_per_actor: float = 1.0
@@ -353,6 +355,19 @@ class RayConfig:
 
     def worker_threads(self) -> int:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+    def streaming_threads(self) -> int:
+        """Torch threads of a PTL worker while its level's translation actors run beside it."""
+        return max(1, int(self.cpus_per_worker))
+
+    def replay_threads(self) -> int:
+        """Torch threads of a PTL worker after its level's translations are done (replay epochs, eval).
+
+        With one worker the level's actor pool has finished by then, so the worker may use the
+        CPUs the actors held: ``worker_threads()``. With several workers (DDP) other ranks' actors
+        can still run on the same node, so it keeps ``streaming_threads()``.
+        """
+        return self.worker_threads() if self.num_workers == 1 else self.streaming_threads()
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "ray.num_workers", self.num_workers, "an integer >= 1")

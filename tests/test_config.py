@@ -134,6 +134,15 @@ def test_max_actor_restarts_checked():
     assert "'ray.max_actor_restarts'" in _msg(e) and "an integer" in _msg(e)
 
 
+def test_ptl_worker_threads_while_translating_and_after():
+    one = from_dict(ExperimentConfig, {"ray": {"cpus_per_worker": 1, "threads_per_worker": 2}}).ray
+    assert (one.streaming_threads(), one.replay_threads()) == (1, 2)
+    ddp = from_dict(ExperimentConfig, {"ray": {"num_workers": 2, "cpus_per_worker": 1, "threads_per_worker": 2}}).ray
+    assert (ddp.streaming_threads(), ddp.replay_threads()) == (1, 1)  # other ranks' actors may share the node
+    unset = from_dict(ExperimentConfig, {"ray": {"cpus_per_worker": 0.5}}).ray
+    assert (unset.streaming_threads(), unset.replay_threads()) == (1, 1)
+
+
 def test_levels_with_stride():
     cfg = from_dict(ExperimentConfig, {"ptl": {"N": 10, "stride": 4}})
     assert cfg.ptl.levels() == [4, 8, 10]

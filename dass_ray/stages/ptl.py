@@ -122,9 +122,6 @@ def ptl_loop(loop_config: dict) -> None:
     start_ckpt = Path(loop_config["start_ckpt"])
     per_level = cfg.ptl.iters_per_level * cfg.ptl.batch_size
     rank, world = common.rank_info()
-    # The PTL worker shares the machine with its translation actors: use only the CPUs it
-    # was given (threads_per_worker is for the DDPM / source stages, which run alone).
-    common.env_threads(max(1, int(cfg.ray.cpus_per_worker)))
     device = train_device(cfg.ray.device, cfg.ray.gpus_per_worker)
 
     torch.manual_seed(cfg.seed)
@@ -150,6 +147,9 @@ def ptl_loop(loop_config: dict) -> None:
 
     for li, n in enumerate(levels):
         t_level = time.time()
+        # While the level translates, the worker shares the machine with its translation actors:
+        # only the CPUs it was given (RayConfig.streaming_threads).
+        common.env_threads(cfg.ray.streaming_threads())
         # The level's translations: a Ray Data actor pool guided by g_{n-1}, streamed into
         # the fine-tuning below (the first batches train while the actors translate the rest).
         rows = translation_rows({n: level_ids(cfg, source_ids, n, rank)}, cfg.ptl.translate_batch_size)
@@ -194,6 +194,10 @@ def ptl_loop(loop_config: dict) -> None:
         consumed = len(buf_rows["id"])
         if consumed != per_level or set(buf_rows["level"]) != {n}:
             raise RuntimeError(f"level {n} (rank {rank}): got {consumed} translated images of {per_level}")
+        # the level's actors are done: its replay epochs and evaluation may use their CPUs
+        # (measured on 2 cores: README, What the demo measures)
+        common.env_threads(cfg.ray.replay_threads())
+        t_replay = time.time()
         if cfg.ptl.epochs_per_level > 1:  # replay the level's translations (no new UNet work)
             losses += _replay(trainer, {k: np.concatenate(v) for k, v in replay.items()}, cfg,
                               common.seeded_rng(cfg.seed, n, rank, 11))
@@ -205,7 +209,9 @@ def ptl_loop(loop_config: dict) -> None:
             torch.distributed.barrier()
         record = {"level": n, "loss": float(np.mean(losses)), "iters": len(losses),
                   "translated": consumed, "seconds": time.time() - t_level,
-                  "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes))}
+                  "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes)),
+                  "translate_s": t_replay - t_level, "replay_s": time.time() - t_replay,
+                  "replay_threads": torch.get_num_threads()}
         # translation actors that died during the level and were restarted by Ray Data
         record["actor_restarts"] = max(0, len(list(events.glob("actor-*.json"))) - cfg.ray.num_actors)
         if record["actor_restarts"]:
@@ -299,6 +305,9 @@ class _LevelLogger(threading.Thread):
                  "target_score": rec.get("target_score", float("nan")),
                  "frechet_to_target": rec.get("frechet_to_target", float("nan")),
                  "actor_restarts": rec.get("actor_restarts", 0)}
+            for key in ("translate_s", "replay_s"):  # records of older runs lack them
+                if key in rec:
+                    m["level_" + key.replace("_s", "_seconds")] = rec[key]
             if "target_miou" in rec:
                 m["target_miou"] = rec["target_miou"]
             self.tracker.log_metrics(m, step=n, run_id=self.run_id)
