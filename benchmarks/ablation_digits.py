@@ -138,8 +138,21 @@ def level_table(results: dict) -> list[str]:
     return rows
 
 
+def _full_minus(results: dict, name: str) -> str:
+    """Full PTL minus ``name`` on the seeds both ran, with the per-seed values ("-" for full, the oracle)."""
+    if name in ("digits_ptl", "digits_oracle"):
+        return "-"
+    d = _paired(results, "digits_ptl", name)
+    if not d:
+        return "-"
+    seeds = sorted(set(_by_seed(results, "digits_ptl")) & set(_by_seed(results, name)))
+    per = ", ".join(f"{x:+.1f}" for x in d)
+    return f"{_ms(d)} ({per}; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+
+
 def table(results: dict) -> str:
-    rows = ["| variant | target-val mIoU (mean ± std) | seeds | segmenter updates |", "|---|---|---|---|"]
+    rows = ["| variant | target-val mIoU (mean ± std) | seeds | segmenter updates | full PTL minus the variant, "
+            "paired by seed |", "|---|---|---|---|---|"]
     for label, name in VARIANTS:
         r = results.get(name)
         if not r or not r.get("runs"):
@@ -147,12 +160,12 @@ def table(results: dict) -> str:
         runs = r["runs"]
         upd = {x.get("segmenter_updates") for x in runs} - {None}
         rows.append(f"| {label} | {_ms([x['target_miou'] for x in runs])} | {len(runs)} | "
-                    f"{', '.join(str(u) for u in sorted(upd)) or '-'} |")
+                    f"{', '.join(str(u) for u in sorted(upd)) or '-'} | {_full_minus(results, name)} |")
         if name == "digits_source_only":
             rows.append(f"| source-only at g_0 (source schedule only) | {_ms([x.get('source_only_miou') for x in runs])}"
-                        f" | {len(runs)} | |")
+                        f" | {len(runs)} | | |")
             rows.append(f"| source-only, best checkpoint by source-val | "
-                        f"{_ms([x.get('source_only_best_source_val_miou') for x in runs])} | {len(runs)} | |")
+                        f"{_ms([x.get('source_only_best_source_val_miou') for x in runs])} | {len(runs)} | | |")
     rows += level_table(results)
     s = summary(results)
     if s:

@@ -42,7 +42,10 @@ def test_summary_pairs_by_seed_and_tables_show_the_levels(abl):
     assert s["full_minus_wo_sgg"] == [2.0]
     assert s["gap_closed"] == pytest.approx((19.5 - 16.0) / (45.0 - 16.0))
     t = abl.table(results)
-    assert "| full (PTL + SGG, alternate) | 19.5 ± 2.1 | 2 | 1400 |" in t
+    assert "| full (PTL + SGG, alternate) | 19.5 ± 2.1 | 2 | 1400 | - |" in t
+    # every variant beside full PTL on the seeds both ran
+    assert "| source-only | 16.0 ± 1.4 | 2 | 1400 | 3.5 ± 0.7 (+3.0, +4.0; seeds 0, 1) |" in t
+    assert "| w/o SGG (PTL unguided) | 16.0 (1 run) | 1 | 1400 | 2.0 (1 run) (+2.0; seed 0) |" in t
     assert "| full (PTL + SGG, alternate) | 1000 | 30.0 ± 0.0 | 90.0 ± 0.0 | 40.0 ± 0.0 | 19.5 ± 2.1 |" in t
     assert "| w/o SGG (PTL unguided) | 500 | 50.0 (1 run) | 30.0 (1 run) |" in t  # one run: no "± 0.0"
     assert "w/o PTL" not in t  # not run: no row, no paired line
@@ -71,4 +74,4 @@ def test_the_papers_ordering_is_paired_by_seed(abl):
     t = abl.table(results)
     assert "Full PTL minus w/o PTL (one level n = N, SGG with g_0), paired by seed: -0.7 ± 4.5 (-1.0, +4.0, -5.0)." in t
     assert "W/o PTL minus the baseline (phi^N, no SGG), paired by seed: 3.5 ± 0.7 (+3.0, +4.0)." in t
-    assert "| baseline (phi^N, no SGG) | 17.0 ± 1.4 | 2 | 1400 |" in t
+    assert "| baseline (phi^N, no SGG) | 17.0 ± 1.4 | 2 | 1400 | 5.0 ± 4.2 (+2.0, +8.0; seeds 0, 1) |" in t
