@@ -146,8 +146,10 @@ def _full_minus(results: dict, name: str) -> str:
     if not d:
         return "-"
     seeds = sorted(set(_by_seed(results, "digits_ptl")) & set(_by_seed(results, name)))
+    if len(d) == 1:
+        return f"{d[0]:+.1f} (seed {seeds[0]} only)"
     per = ", ".join(f"{x:+.1f}" for x in d)
-    return f"{_ms(d)} ({per}; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+    return f"{_ms(d)} ({per}; seeds {', '.join(map(str, seeds))})"
 
 
 def table(results: dict) -> str:
