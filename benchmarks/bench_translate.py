@@ -47,19 +47,8 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def timeit(fn, reps: int, warmup: int = 1) -> dict:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "reps": reps, "load": load()}
-
-
 def timeit_together(fns: dict, reps: int, warmup: int = 1) -> dict:
-    """:func:`timeit` for several functions, their repetitions interleaved (A B C A B C ...):
+    """Median / min seconds of several functions, their repetitions interleaved (A B C A B C ...):
     a ratio of two of them is then not skewed by load or clock drift between their runs."""
     for _ in range(warmup):
         for fn in fns.values():
