@@ -407,10 +407,21 @@ class TrackingConfig:
         pass
 
 
-# Keys that change no output, left out of ExperimentConfig.hash(): a run can be resumed with
-# another value (after a PTL level failed on an actor's restarts, with more of them; with another
-# LCG chunk size), and runs made before the key existed keep their hash.
-UNHASHED: tuple[tuple[str, str], ...] = (("ray", "max_actor_restarts"), ("guidance", "lcg_chunk"))
+# Keys that change no output, so ExperimentConfig.hash() does not see their value: a run can be
+# resumed with another one (after a PTL level failed on an actor's restarts, with more of them;
+# with another LCG chunk size; with more translation actors). Keys added after runs existed are
+# left out (OMIT), older ones are hashed at their default, so that runs made before keep their
+# hash (those that used the default). The actor pools' size and CPU share change no image: each
+# image draws its noise from its own generator (translate.noise_seed, zodi.transfer.sample_seed)
+# and the pool hands batches over in order (tests/test_translate_ray.py: 2 actors give the
+# images of 1).
+OMIT = object()
+UNHASHED: dict[tuple[str, str], Any] = {
+    ("ray", "max_actor_restarts"): OMIT,
+    ("guidance", "lcg_chunk"): OMIT,
+    ("ray", "num_actors"): 1,
+    ("ray", "cpus_per_actor"): 1.0,
+}
 
 
 @dataclass
@@ -446,11 +457,14 @@ class ExperimentConfig:
     def hash(self, *sections: str) -> str:
         """A short stable hash of the whole config, or of the named sections only.
 
-        Keys in :data:`UNHASHED` are left out.
+        Keys in :data:`UNHASHED` are left out or hashed at a fixed value.
         """
         d = self.to_dict()
-        for section, key in UNHASHED:
-            d[section].pop(key)
+        for (section, key), value in UNHASHED.items():
+            if value is OMIT:
+                d[section].pop(key)
+            else:
+                d[section][key] = value
         if sections:
             d = {s: d[s] for s in sections}
         blob = json.dumps(d, sort_keys=True, default=str).encode()

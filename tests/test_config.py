@@ -160,6 +160,11 @@ def test_hash_is_stable_and_sensitive():
     assert set_path(a, "ray.max_actor_restarts", 9).hash("ray") == a.hash("ray")
     # guidance.lcg_chunk neither (chunks of the same sum): runs made before it existed keep their hash
     assert set_path(a, "guidance.lcg_chunk", 7).hash() == a.hash()
+    # nor the translation pool's size and CPU share (each image has its own noise generator);
+    # hashed at their defaults, so runs made with one actor keep their hash
+    two = set_path(set_path(a, "ray.num_actors", 2), "ray.cpus_per_actor", 0.5)
+    assert two.hash() == a.hash() and two.hash("ray") == a.hash("ray")
+    assert set_path(a, "ray.threads_per_actor", 2).hash() != a.hash()  # threads change float rounding
     with pytest.raises(ConfigError) as e:
         from_dict(ExperimentConfig, {"guidance": {"lcg_chunk": -2}})
     assert "'guidance.lcg_chunk'" in _msg(e) and "got -2" in _msg(e)
