@@ -13,8 +13,13 @@ last batch was consumed. With one dataset, the actors translating level n+1
 must wait for g_n, and Ray Data 2.60 holds back the tail of level n's output
 while its actor is busy (measured: the consumer stalls after the first block
 and never receives the rest) -- a deadlock. A pipeline per level has no such
-cycle; its cost is one actor start-up per level, recorded per level as
-``first_batch_s`` in the level's record.
+cycle. Its cost is one actor start-up per level (process, imports, UNet;
+~14 s on 2 cores). Level n+1's pipeline therefore starts (:class:`_LevelStream`)
+as soon as level n's translations are consumed: its actor starts while level n
+replays and waits for g_n's checksum file before translating. With free cores
+(a cluster) the start-up is hidden; on 2 cores its CPU time moves into the
+replay (README, What the demo measures). A level's record has ``first_batch_s``
+(its start to its first translated batch) and ``pipeline_lead_s``.
 
 Each level translates only what its fine-tuning consumes: ``iters_per_level x
 batch_size`` source images (per worker), so the UNet evaluations are
@@ -32,6 +37,7 @@ level and the batch, without a record, so a re-run resumes at that level.
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 import time
@@ -145,19 +151,24 @@ def ptl_loop(loop_config: dict) -> None:
         gap = DomainGap.fit(src_imgs[:500], tgt_imgs[:500])
         del src_imgs, tgt_imgs
 
+    def start_level(n: int, seg_ckpt: str) -> "_LevelStream":
+        # The level's translations: a Ray Data actor pool guided by g_{n-1} (seg_ckpt, which the
+        # actors wait for when it is not published yet), pulled from now on by a background thread.
+        rows = translation_rows({n: level_ids(cfg, source_ids, n, rank)}, cfg.ptl.translate_batch_size)
+        events = level_dir(run_dir, n) / f"actors-r{rank}"  # actor starts of this attempt at the level
+        shutil.rmtree(events, ignore_errors=True)
+        events.mkdir(parents=True)
+        ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: seg_ckpt}, loop_config.get("fail_after"),
+                                 events_dir=str(events))
+        return _LevelStream(ds, cfg, n, rank, events)
+
+    stream = start_level(levels[0], prev_ckpt) if levels else None
     for li, n in enumerate(levels):
         t_level = time.time()
         # While the level translates, the worker shares the machine with its translation actors:
         # only the CPUs it was given (RayConfig.streaming_threads).
         common.env_threads(cfg.ray.streaming_threads())
-        # The level's translations: a Ray Data actor pool guided by g_{n-1}, streamed into
-        # the fine-tuning below (the first batches train while the actors translate the rest).
-        rows = translation_rows({n: level_ids(cfg, source_ids, n, rank)}, cfg.ptl.translate_batch_size)
-        events = level_dir(run_dir, n) / f"actors-r{rank}"  # actor starts of this attempt at the level
-        shutil.rmtree(events, ignore_errors=True)
-        events.mkdir(parents=True)
-        ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: prev_ckpt}, loop_config.get("fail_after"),
-                                 events_dir=str(events))
+        events, stream_started = stream.events, stream.started
         buf_rows: dict[str, list] = {k: [] for k in ("id", "level", "image_png", "seed", "segmenter_id", "config_hash")}
         losses: list[float] = []
         probe: Optional[np.ndarray] = None
@@ -165,7 +176,8 @@ def ptl_loop(loop_config: dict) -> None:
         consistency = ConfusionMatrix(cfg.data.num_classes)
         level_images: list[np.ndarray] = []
         replay: dict[str, list[np.ndarray]] = {"image": [], "source": [], "label": []}
-        for batch in _level_batches(ds, cfg, n, rank, events):
+        # streamed into the fine-tuning: the first batches train while the actors translate the rest
+        for batch in stream:
             if first_batch_s is None:
                 first_batch_s = time.time() - t_level
             x_t = to_diffusion(batch["image"])
@@ -194,6 +206,9 @@ def ptl_loop(loop_config: dict) -> None:
         consumed = len(buf_rows["id"])
         if consumed != per_level or set(buf_rows["level"]) != {n}:
             raise RuntimeError(f"level {n} (rank {rank}): got {consumed} translated images of {per_level}")
+        if li + 1 < len(levels):
+            # level n+1's actor starts now, while this level replays; it translates once g_n is published
+            stream = start_level(levels[li + 1], str(level_dir(run_dir, n) / SEG_FILE))
         # the level's actors are done: its replay epochs and evaluation may use their CPUs
         # (measured on 2 cores: README, What the demo measures)
         common.env_threads(cfg.ray.replay_threads())
@@ -211,6 +226,9 @@ def ptl_loop(loop_config: dict) -> None:
                   "translated": consumed, "seconds": time.time() - t_level,
                   "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes)),
                   "translate_s": t_replay - t_level, "replay_s": time.time() - t_replay,
+                  # how long before the level began its translation pipeline was started (0 for
+                  # the first level of a run; later ones start during the previous level's replay)
+                  "pipeline_lead_s": max(0.0, t_level - stream_started),
                   "replay_threads": torch.get_num_threads()}
         # translation actors that died during the level and were restarted by Ray Data
         record["actor_restarts"] = max(0, len(list(events.glob("actor-*.json"))) - cfg.ray.num_actors)
@@ -237,6 +255,44 @@ def ptl_loop(loop_config: dict) -> None:
                   + f" ({record['seconds']:.1f}s)")
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         prev_ckpt = str(d / SEG_FILE)
+
+
+class _LevelStream:
+    """A level's translated batches (``ds.iter_batches`` through :func:`_level_batches`), pulled by
+    a background thread from the moment it is made, so that the level's Ray Data pipeline (its
+    actor start-up, and the translations once g_{n-1} exists) runs while the caller is still busy
+    with the previous level. Iterating yields the batches in order; an error of the pipeline
+    (e.g. :class:`~dass_ray.stages.translator.TranslationActorError`) is raised there.
+    The queue is unbounded: a level's translations are all kept for its replay anyway."""
+
+    _END = object()
+
+    def __init__(self, ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
+        self.events = events
+        self.started = time.time()
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pull, args=(ds, cfg, n, rank, events), daemon=True,
+                                        name=f"ptl-level-{n}")
+        self._thread.start()
+
+    def _pull(self, ds, cfg: ExperimentConfig, n: int, rank: int, events: Path) -> None:
+        try:
+            for batch in _level_batches(ds, cfg, n, rank, events):
+                self._q.put(batch)
+        except BaseException as e:  # handed to the consumer, raised in its thread
+            self._q.put(e)
+        else:
+            self._q.put(self._END)
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                self._thread.join()
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _level_batches(ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
@@ -338,6 +394,17 @@ def check_level_provenance(cfg: ExperimentConfig, run_dir: Path, levels: list[in
                                   f"resumed with this config (use another --out, or delete {f.parent})")
 
 
+def drop_stale_checkpoints(run_dir: Path, levels: list[int]) -> None:
+    """Remove the g_n checkpoints (and checksums) of ``levels``, the levels about to run.
+
+    A checkpoint of a level without a record (an attempt killed between the two writes) is
+    stale: level n+1's translators, started while level n replays, would take it for g_n.
+    """
+    for n in levels:
+        for f in (level_dir(run_dir, n) / SEG_FILE, level_dir(run_dir, n) / (SEG_FILE + ".sha256")):
+            f.unlink(missing_ok=True)
+
+
 def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path: Path, tracker=None,
                   log: Callable[[str], None] = print, fail_after: Optional[int] = None) -> list[int]:
     """Run the remaining PTL levels; return all finished levels."""
@@ -350,6 +417,7 @@ def run_ptl_stage(cfg: ExperimentConfig, run_dir: Path, unet_path: Path, g0_path
     if not todo:
         log(f"[ptl] all {len(all_levels)} levels already done")
         return finished
+    drop_stale_checkpoints(run_dir, todo)
     prev_level = max([n for n in finished if n < todo[0]], default=None)
     start_ckpt = level_dir(run_dir, prev_level) / SEG_FILE if prev_level else g0_path
     source_ids = list_ids(common.data_root(cfg), cfg.data.source_domain, cfg.data.source_split)
