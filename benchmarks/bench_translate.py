@@ -247,6 +247,44 @@ def bench_profile(cfg, unet, seg, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 # --------------------------------------------------------------------------- Ray Data
 
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds user + system) of every process, from /proc ({} without /proc)."""
+    out: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            s = (d / "stat").read_text()
+        except OSError:
+            continue
+        name = s[s.index("(") + 1:s.rindex(")")]
+        f = s[s.rindex(")") + 2:].split()
+        out[int(d.name)] = (name, (int(f[11]) + int(f[12])) / tick)
+    return out
+
+
+def cpu_cores_by_role(before: dict, after: dict, seconds: float, actor_pids: set[int]) -> dict:
+    """Cores used between two :func:`process_cpu` snapshots, by role: the translation actors,
+    this driver (Ray Data's executor runs here), Ray's own processes (raylet, GCS, its helper
+    actors and agents) and everything else. A process that started in between counts whole."""
+    roles = {"actors": 0.0, "driver": 0.0, "ray_other": 0.0, "other": 0.0}
+    for pid, (name, cpu) in after.items():
+        used = cpu - before.get(pid, (name, 0.0))[1]
+        if pid in actor_pids:
+            role = "actors"
+        elif pid == os.getpid():
+            role = "driver"
+        elif name.startswith(("ray::", "raylet", "gcs_server")) or "ray" in name:
+            role = "ray_other"
+        else:
+            try:
+                cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            except OSError:
+                cmd = b""
+            role = "ray_other" if b"/ray/" in cmd else "other"
+        roles[role] += used
+    return {k: round(v / seconds, 3) for k, v in roles.items()}
+
+
 def _timed_translator_cls():
     """A Translator subclass adding per-batch timestamps and the actor's pid (columns t0, t1, pid)."""
     from dass_ray.stages.translator import Translator
@@ -276,6 +314,7 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
     orig = tr.Translator
     tr.Translator = _timed_translator_cls()  # translation_dataset passes this to map_batches
     try:
+        cpu0 = process_cpu()
         t_start = time.time()
         ds = tr.translation_dataset(rcfg, rows, unet_path, segs)
         seen = []
@@ -288,6 +327,7 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
             pids += list(b["pid"])
             nices |= {int(v) for v in b["nice"]}
         t_end = time.time()
+        cpu1 = process_cpu()
     finally:
         tr.Translator = orig
     n = len(ids)
@@ -310,6 +350,9 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
         # sum over actors of each actor's own rate while computing (ignores idle time and start-up)
         "busy_images_per_s": sum(sum(e[1] for e in v.values()) / sum(e[0] for e in v.values())
                                  for v in per_pid.values()),
+        # where the cores went over the whole run (start-up included): on 2 cores, what Ray's own
+        # processes and the driver take is not available to the actors
+        "cpu_cores": cpu_cores_by_role(cpu0, cpu1, t_end - t_start, {int(p) for p in per_pid}),
         "load": load(),
     }
 
@@ -554,6 +597,9 @@ def main(argv=None) -> int:
             "machine_ceiling": ceiling,
             "of_machine_ceiling": (ratio(a2, a1, "compute_window_images_per_s") / ceiling
                                    if a2["actors_seen"] == 2 and ceiling else None),
+            # cores the driver (Ray Data's executor) and Ray's own processes used during the 2-actor run
+            "ray_overhead_cores": (a2["cpu_cores"]["driver"] + a2["cpu_cores"]["ray_other"]
+                                   if a2.get("cpu_cores") else None),
             "note": "compute_window = images / (last batch end - first batch start) inside the actors (after "
                     "actor start-up); from_first_output = as the driver sees rows (Ray Data hands outputs over in "
                     "bursts, so this over-states the rate); overall includes actor start-up",
