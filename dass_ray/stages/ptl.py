@@ -14,12 +14,13 @@ must wait for g_n, and Ray Data 2.60 holds back the tail of level n's output
 while its actor is busy (measured: the consumer stalls after the first block
 and never receives the rest) -- a deadlock. A pipeline per level has no such
 cycle. Its cost is one actor start-up per level (process, imports, UNet;
-~14 s on 2 cores). Level n+1's pipeline therefore starts (:class:`_LevelStream`)
-as soon as level n's translations are consumed: its actor starts while level n
-replays and waits for g_n's checksum file before translating. With free cores
-(a cluster) the start-up is hidden; on 2 cores its CPU time moves into the
-replay (README, What the demo measures). A level's record has ``first_batch_s``
-(its start to its first translated batch) and ``pipeline_lead_s``.
+~14 s on 2 cores). With ``ptl.prestart_next_level`` level n+1's pipeline
+(:class:`_LevelStream`) starts as soon as level n's translations are consumed:
+its actor starts while level n replays and waits for g_n's checksum file
+before translating. On 2 cores that moved the start-up's CPU time into the
+replay and made PTL slower overall (README, What the demo measures), so it is
+off by default. A level's record has ``first_batch_s`` (its start to its first
+translated batch) and ``pipeline_lead_s``.
 
 Each level translates only what its fine-tuning consumes: ``iters_per_level x
 batch_size`` source images (per worker), so the UNet evaluations are
@@ -206,9 +207,10 @@ def ptl_loop(loop_config: dict) -> None:
         consumed = len(buf_rows["id"])
         if consumed != per_level or set(buf_rows["level"]) != {n}:
             raise RuntimeError(f"level {n} (rank {rank}): got {consumed} translated images of {per_level}")
-        if li + 1 < len(levels):
+        nxt = None
+        if cfg.ptl.prestart_next_level and li + 1 < len(levels):
             # level n+1's actor starts now, while this level replays; it translates once g_n is published
-            stream = start_level(levels[li + 1], str(level_dir(run_dir, n) / SEG_FILE))
+            nxt = start_level(levels[li + 1], str(level_dir(run_dir, n) / SEG_FILE))
         # the level's actors are done: its replay epochs and evaluation may use their CPUs
         # (measured on 2 cores: README, What the demo measures)
         common.env_threads(cfg.ray.replay_threads())
@@ -228,7 +230,7 @@ def ptl_loop(loop_config: dict) -> None:
                   "translate_s": t_replay - t_level, "replay_s": time.time() - t_replay,
                   # how long before the level began its translation pipeline was started (0 for
                   # the first level of a run; later ones start during the previous level's replay)
-                  "pipeline_lead_s": max(0.0, t_level - stream_started),
+                  "pipeline_lead_s": 0.0 if li == 0 else round(max(0.0, t_level - stream_started), 1),
                   "replay_threads": torch.get_num_threads()}
         # translation actors that died during the level and were restarted by Ray Data
         record["actor_restarts"] = max(0, len(list(events.glob("actor-*.json"))) - cfg.ray.num_actors)
@@ -255,6 +257,8 @@ def ptl_loop(loop_config: dict) -> None:
                   + f" ({record['seconds']:.1f}s)")
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         prev_ckpt = str(d / SEG_FILE)
+        if li + 1 < len(levels):
+            stream = nxt or start_level(levels[li + 1], prev_ckpt)
 
 
 class _LevelStream:
