@@ -228,8 +228,8 @@ def ptl_loop(loop_config: dict) -> None:
                   "translated": consumed, "seconds": time.time() - t_level,
                   "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes)),
                   "translate_s": t_replay - t_level, "replay_s": time.time() - t_replay,
-                  # how long before the level began its translation pipeline was started (0 for
-                  # the first level of a run; later ones start during the previous level's replay)
+                  # how long before the level began its translation pipeline was started (0 for the
+                  # first level of a run; with ptl.prestart_next_level the previous level's replay and more)
                   "pipeline_lead_s": 0.0 if li == 0 else round(max(0.0, t_level - stream_started), 1),
                   "replay_threads": torch.get_num_threads()}
         # translation actors that died during the level and were restarted by Ray Data
