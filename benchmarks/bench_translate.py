@@ -276,7 +276,7 @@ def cpu_cores_by_role(before: dict, after: dict, seconds: float, actor_pids: set
             role = "actors"
         elif pid == os.getpid():
             role = "driver"
-        elif name.startswith(("ray::", "raylet", "gcs_server")) or "ray" in name:
+        elif "ray" in name or name == "gcs_server":  # ray::<actor>, raylet, ray-dashboard ...
             role = "ray_other"
         else:
             try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dass_ray.config import load_config
-from dass_ray.stages.ptl import SEG_FILE, _LevelStream, drop_stale_checkpoints, level_dir
+from dass_ray.stages.ptl import SEG_FILE, _LevelStream, _level_batches, drop_stale_checkpoints, level_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def _cfg():
 
 def test_level_stream_pulls_before_it_is_iterated_and_keeps_order(tmp_path):
     ds = FakeDataset(4)
-    stream = _LevelStream(ds, _cfg(), 20, 0, tmp_path)
+    stream = _LevelStream(_level_batches(ds, _cfg(), 20, 0, tmp_path), tmp_path, name="level-20")
     # nobody iterates yet: the pipeline (in PTL: its actor start-up) runs already
     assert ds.started.wait(10), "the level's pipeline did not start before the stream was iterated"
     ds.release.set()
@@ -51,7 +51,7 @@ def test_level_stream_raises_the_pipelines_error_in_the_consumer(tmp_path):
     ds.release.set()
     got = []
     with pytest.raises(RuntimeError, match="actor died on batch 2"):
-        for b in _LevelStream(ds, _cfg(), 20, 0, tmp_path):
+        for b in _LevelStream(_level_batches(ds, _cfg(), 20, 0, tmp_path), tmp_path, name="level-20"):
             got.append(b["i"])
     assert got == [0, 1]  # the batches before the failure were handed over, in order
 

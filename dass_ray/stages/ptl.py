@@ -43,7 +43,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -161,7 +161,7 @@ def ptl_loop(loop_config: dict) -> None:
         events.mkdir(parents=True)
         ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: seg_ckpt}, loop_config.get("fail_after"),
                                  events_dir=str(events))
-        return _LevelStream(ds, cfg, n, rank, events)
+        return _LevelStream(_level_batches(ds, cfg, n, rank, events), events, name=f"ptl-level-{n}")
 
     stream = start_level(levels[0], prev_ckpt) if levels else None
     for li, n in enumerate(levels):
@@ -262,8 +262,8 @@ def ptl_loop(loop_config: dict) -> None:
 
 
 class _LevelStream:
-    """A level's translated batches (``ds.iter_batches`` through :func:`_level_batches`), pulled by
-    a background thread from the moment it is made, so that the level's Ray Data pipeline (its
+    """A level's translated batches (``batches``: :func:`_level_batches`), pulled by a background
+    thread from the moment it is made, so that the level's Ray Data pipeline (its
     actor start-up, and the translations once g_{n-1} exists) runs while the caller is still busy
     with the previous level. Iterating yields the batches in order; an error of the pipeline
     (e.g. :class:`~dass_ray.stages.translator.TranslationActorError`) is raised there.
@@ -271,17 +271,16 @@ class _LevelStream:
 
     _END = object()
 
-    def __init__(self, ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
-        self.events = events
+    def __init__(self, batches: Iterable, events: Path, name: str):
+        self.events = events  # the level's actor-start records (read after the level)
         self.started = time.time()
         self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._pull, args=(ds, cfg, n, rank, events), daemon=True,
-                                        name=f"ptl-level-{n}")
+        self._thread = threading.Thread(target=self._pull, args=(batches,), daemon=True, name=name)
         self._thread.start()
 
-    def _pull(self, ds, cfg: ExperimentConfig, n: int, rank: int, events: Path) -> None:
+    def _pull(self, batches: Iterable) -> None:
         try:
-            for batch in _level_batches(ds, cfg, n, rank, events):
+            for batch in batches:
                 self._q.put(batch)
         except BaseException as e:  # handed to the consumer, raised in its thread
             self._q.put(e)
