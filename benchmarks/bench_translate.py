@@ -18,7 +18,7 @@ Measured side by side in one run on this machine with the ``digits`` default UNe
 - ``profile``: torch.profiler over one LCG and one GSG step: the share of UNet forward,
   segmenter forward and the backward pass.
 
-    python benchmarks/bench_translate.py [--quick] --out bench.json
+    python benchmarks/bench_translate.py [--quick] [--set KEY=VALUE ...] --out bench.json
 
 Timings on a shared 2-core machine are noisy: the load average is recorded next to
 every measurement.
@@ -264,6 +264,44 @@ def process_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+class CpuSampler:
+    """:func:`process_cpu` every ``period`` s in a background thread, for :func:`cpu_cores_by_role`.
+
+    ``with CpuSampler() as s: ...`` then ``s.before`` / ``s.after``: ``after`` holds each
+    process's last reading, so a process that exits before the block ends still counts up
+    to its last sample (Ray Data releases an actor of the pool once it has no batch left: a
+    snapshot taken after the dataset is consumed missed that actor, ~0.9 cores in a
+    2-actor run of 2026-11-30).
+    """
+
+    def __init__(self, period: float = 1.0) -> None:
+        import threading
+
+        self.period = period
+        self.before: dict = {}
+        self.after: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-sampler")
+
+    def _sample(self) -> None:
+        self.after.update(process_cpu())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> "CpuSampler":
+        self.before = process_cpu()
+        self.after = dict(self.before)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def cpu_cores_by_role(before: dict, after: dict, seconds: float, actor_pids: set[int]) -> dict:
     """Cores used between two :func:`process_cpu` snapshots, by role: the translation actors,
     this driver (Ray Data's executor runs here), Ray's own processes (raylet, GCS, its helper
@@ -317,20 +355,19 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
     orig = tr.Translator
     tr.Translator = _timed_translator_cls()  # translation_dataset passes this to map_batches
     try:
-        cpu0 = process_cpu()
-        t_start = time.time()
-        ds = tr.translation_dataset(rcfg, rows, unet_path, segs)
-        seen = []
-        ids, t0s, t1s, pids, nices = [], [], [], [], set()
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            seen.append((time.time(), len(b["id"])))
-            ids += [str(i) for i in b["id"]]
-            t0s += list(b["t0"])
-            t1s += list(b["t1"])
-            pids += list(b["pid"])
-            nices |= {int(v) for v in b["nice"]}
-        t_end = time.time()
-        cpu1 = process_cpu()
+        with CpuSampler() as cpu:
+            t_start = time.time()
+            ds = tr.translation_dataset(rcfg, rows, unet_path, segs)
+            seen = []
+            ids, t0s, t1s, pids, nices = [], [], [], [], set()
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                seen.append((time.time(), len(b["id"])))
+                ids += [str(i) for i in b["id"]]
+                t0s += list(b["t0"])
+                t1s += list(b["t1"])
+                pids += list(b["pid"])
+                nices |= {int(v) for v in b["nice"]}
+            t_end = time.time()
     finally:
         tr.Translator = orig
     n = len(ids)
@@ -355,7 +392,7 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
                                  for v in per_pid.values()),
         # where the cores went over the whole run (start-up included): on 2 cores, what Ray's own
         # processes and the driver take is not available to the actors
-        "cpu_cores": cpu_cores_by_role(cpu0, cpu1, t_end - t_start, {int(p) for p in per_pid}),
+        "cpu_cores": cpu_cores_by_role(cpu.before, cpu.after, t_end - t_start, {int(p) for p in per_pid}),
         "load": load(),
     }
 
@@ -441,6 +478,8 @@ def main(argv=None) -> int:
                     help="an existing digits build (default: the recipe's data.root when the demo built it there, "
                          "else a new build in a tmp dir)")
     ap.add_argument("--skip-ray", action="store_true", help="only the in-process measurements")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the digits recipe (e.g. segmenter.width=16), as in dass-ray run")
     ap.add_argument("--actor-pairs", type=int, default=None,
                     help="1-actor / 2-actor runs measured back to back, the second pair in reverse order so a "
                          "linear drift of the VM's speed cancels (default: 2; --quick: 1)")
@@ -463,7 +502,7 @@ def main(argv=None) -> int:
 
     quick = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="bench_translate_"))
-    recipe_root = Path(load_config(CONFIG).data.root)  # the digits build is deterministic: reuse the demo's
+    recipe_root = Path(load_config(CONFIG, args.overrides).data.root)  # the digits build is deterministic: reuse the demo's
     root = (Path(args.data_root) if args.data_root
             else recipe_root if (recipe_root / "digits.json").exists() else tmp / "digits").resolve()
     t0 = time.time()
@@ -479,7 +518,7 @@ def main(argv=None) -> int:
     # to 6 batches of 4 images and 4 reverse steps, and skips the machine-ceiling processes.
     tbatch = 4 if quick else 32  # ptl.translate_batch_size of the digits recipe is 32
     n_images = (6 if quick else 12) * tbatch
-    cfg = load_config(CONFIG, [f"data.root={root}", f"ptl.translate_batch_size={tbatch}"]
+    cfg = load_config(CONFIG, list(args.overrides) + [f"data.root={root}", f"ptl.translate_batch_size={tbatch}"]
                       + (["diffusion.sample_steps=4"] if quick else []))
     level = cfg.ptl.N
     torch.set_num_threads(1)  # what a translation actor runs with (ray.threads_per_actor: 1)
@@ -506,9 +545,9 @@ def main(argv=None) -> int:
                     "python": platform.python_version(), "load_at_start": load(),
                     "driver_niceness": os.getpriority(os.PRIO_PROCESS, 0),
                     "RAY_worker_niceness": os.environ.get("RAY_worker_niceness")},
-        "setup": {"unet_block_out_channels": cfg.diffusion.block_out_channels, "segmenter": "small_cnn",
+        "setup": {"unet_block_out_channels": cfg.diffusion.block_out_channels, "segmenter": cfg.segmenter.arch,
                   "segmenter_width": cfg.segmenter.width, "num_classes": cfg.data.num_classes, "image": [32, 32],
-                  "guidance_scale": cfg.guidance.scale, "digits_build_s": round(t_data, 1),
+                  "guidance_scale": cfg.guidance.scale, "digits_build_s": round(t_data, 1), "overrides": args.overrides,
                   "unet_params": sum(p.numel() for p in unet.parameters()),
                   "segmenter_params": sum(p.numel() for p in seg.parameters())},
     }
