@@ -1,20 +1,14 @@
 """benchmarks/ablation_digits.py: the JSON record, the paired summary and the tables, on synthetic metrics."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def abl():
-    spec = importlib.util.spec_from_file_location("ablation_digits", ROOT / "benchmarks" / "ablation_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("ablation_digits")
 
 
 def _metrics(miou: float, levels=None) -> dict:

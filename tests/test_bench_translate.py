@@ -1,7 +1,6 @@
 """benchmarks/bench_translate.py: the CPU accounting by role (no Ray, no models)."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -9,15 +8,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_translate", ROOT / "benchmarks" / "bench_translate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_translate")
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
