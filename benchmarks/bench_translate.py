@@ -502,7 +502,8 @@ def main(argv=None) -> int:
 
     quick = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="bench_translate_"))
-    recipe_root = Path(load_config(CONFIG, args.overrides).data.root)  # the digits build is deterministic: reuse the demo's
+    # the digits build is deterministic: reuse the demo's
+    recipe_root = Path(load_config(CONFIG, args.overrides).data.root)
     root = (Path(args.data_root) if args.data_root
             else recipe_root if (recipe_root / "digits.json").exists() else tmp / "digits").resolve()
     t0 = time.time()

@@ -416,10 +416,10 @@ class TrackingConfig:
 # resumed with another one (after a PTL level failed on an actor's restarts, with more of them;
 # with another LCG chunk size; with more translation actors; starting pipelines earlier). Keys
 # added after runs existed are left out (OMIT), older ones are hashed at their default, so that
-# runs made before keep their hash (those that used the default). The actor pools' size and CPU share change no image: each
-# image draws its noise from its own generator (translate.noise_seed, zodi.transfer.sample_seed)
-# and the pool hands batches over in order (tests/test_translate_ray.py: 2 actors give the
-# images of 1).
+# runs made before keep their hash (those that used the default). The actor pools' size and CPU
+# share change no image: each image draws its noise from its own generator (translate.noise_seed,
+# zodi.transfer.sample_seed) and the pool hands batches over in order (tests/test_translate_ray.py:
+# 2 actors give the images of 1).
 OMIT = object()
 UNHASHED: dict[tuple[str, str], Any] = {
     ("ray", "max_actor_restarts"): OMIT,
