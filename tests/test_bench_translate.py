@@ -33,3 +33,29 @@ def test_sampler_counts_a_process_that_exits_before_the_end(bench):
     # its CPU up to the last sample (<= 0.1 s before it exited), start-up included
     assert roles["actors"] * seconds >= 0.4
     assert set(roles) == {"actors", "driver", "ray_other", "other"}
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end(tmp_path):
+    # the whole --quick run in its own process (its own local Ray, started in a background
+    # thread: a thread that ended after ray.init took the raylet with it, PR_SET_PDEATHSIG)
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_translate.py"), "--quick",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["quick"] is True
+    for key, value in [("guided_over_unguided", r["guided_over_unguided"]["digits_labels"]["guided_over_unguided"]),
+                       ("batched_lcg_speedup", r["batched_lcg_speedup"]["speedup"]),
+                       ("actors2_over_actors1", r["actors2_over_actors1"]["vs_1actor_1thread"]["overall_images_per_s"]),
+                       ("pool_over_loop", r["pool_over_loop"]["after_startup"])]:
+        assert value is not None and 0 < value < 100, (key, value)
+    rp = r["ray_data"]
+    assert rp["ray_init_in_background_s"] > 0
+    for run in ("actors1_threads1", "actors2_threads1"):  # every input id exactly once
+        assert rp[run]["images"] == rp[run]["unique_ids"] == rp["images"]
+    assert rp["actors2_threads1"]["actors_seen"] == 2
+    assert r["batched_lcg_speedup"]["max_abs_grad_difference"] < 1e-4
