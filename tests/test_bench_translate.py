@@ -1,6 +1,7 @@
 """benchmarks/bench_translate.py: the CPU accounting by role (no Ray, no models)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -44,8 +45,6 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_translate.py"), "--quick",
                            "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     r = json.loads(out.read_text())
     assert r["quick"] is True
     for key, value in [("guided_over_unguided", r["guided_over_unguided"]["digits_labels"]["guided_over_unguided"]),
