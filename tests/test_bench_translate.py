@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from _bench import load_benchmark
+from _bench import ROOT, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     # the whole --quick run in its own process (its own local Ray, started in a background
     # thread: a thread that ended after ray.init took the raylet with it, PR_SET_PDEATHSIG)
     out = tmp_path / "bench.json"
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_translate.py"), "--quick",
-                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_translate.py"), "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["quick"] is True
