@@ -27,8 +27,10 @@ def ensure_ray(cfg: RayConfig):
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # every worker of the job quiets Ray's own once-a-second warnings (ray_logging's doc)
+    runtime_env = {"worker_process_setup_hook": "dass_ray.ray_logging.quiet_worker_logs"}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         # An in-process local cluster: no dashboard, loopback only, bounded memory.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -38,6 +40,7 @@ def ensure_ray(cfg: RayConfig):
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
+            runtime_env=runtime_env,
         )
     from ray.data import DataContext
 

@@ -135,6 +135,10 @@ def to_diffusion(images: "np.ndarray | torch.Tensor") -> "torch.Tensor":
     """``uint8 [N, H, W, 3]`` -> ``float32 [N, 3, H, W]`` in [-1, 1] (``x = img / 127.5 - 1``)."""
     import torch
 
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        # Ray Data hands out read-only views of its blocks; torch warns on them. The result is a
+        # new float tensor anyway, so a uint8 copy costs nothing the conversion does not.
+        images = images.copy()
     t = torch.as_tensor(images)
     if t.ndim != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
         raise ValueError(f"to_diffusion expects uint8 [N, H, W, 3], got {t.dtype} {tuple(t.shape)}")
