@@ -126,6 +126,9 @@ class DiffusionConfig:
     sample_steps: Optional[int] = None  # reverse steps of phi^n (respaced, Nichol & Dhariwal); None = n (paper)
     clip_sample: bool = False  # reverse mean from x0_hat clipped to [-1, 1] (False: Eq. 4 exactly)
     reverse_variance: Literal["auto", "beta", "posterior"] = "auto"  # auto: beta_k (paper), posterior when respaced
+    # null: the DDPM reverse step (Eq. 4, variance above). A number in [0, 1]: the DDIM step (Song et al.
+    # 2021) with that eta on the same (respaced) chain; 1 is the posterior-variance DDPM step, 0 deterministic
+    ddim_eta: Optional[float] = None
     # UNet arithmetic in training and sampling: bf16 autocast is ~1.5x faster on CPUs with
     # native bf16 (AVX512) and on recent GPUs, but 14x slower where it is emulated (measured on an
     # AVX2-only EPYC): "auto" picks bf16 only where it is native. The guidance gradient and the schedule
@@ -159,6 +162,9 @@ class DiffusionConfig:
         _check(self.log_every >= 1, "diffusion.log_every", self.log_every, "an integer >= 1")
         if self.sample_steps is not None:
             _check(self.sample_steps >= 1, "diffusion.sample_steps", self.sample_steps, "an integer >= 1 or null")
+        if self.ddim_eta is not None:
+            _finite("diffusion.ddim_eta", self.ddim_eta)
+            _check(0.0 <= self.ddim_eta <= 1.0, "diffusion.ddim_eta", self.ddim_eta, "null or a number in [0, 1]")
 
 
 @dataclass

@@ -230,3 +230,16 @@ def test_gradient_flows_through_segmenter_normalisation(setup):
     with torch.no_grad():
         fd = (lcg_loss_batched(segd, xd + h * d, y, C) - lcg_loss_batched(segd, xd - h * d, y, C)) / (2 * h)
     assert float((grad * d).sum()) == pytest.approx(float(fd), rel=1e-5)
+
+
+def test_ddim_guided_steps_lower_ce_in_both_spaces(setup):
+    """With the DDIM step (eta 0) guidance still lowers the CE: on x_k through the noise
+    estimate, on x0_hat through the stepped estimate (at k = 1 the output is that estimate)."""
+    sched, eps_model, seg, y, k, x_k, z = setup
+    cfg = tiny_diffusion_config()
+    ddim = DDPMSchedule(cfg.__class__(**{**cfg.__dict__, "ddim_eta": 0.0}))
+    for kk, space, scale in ((k, "x_k", 1e5), (1, "x0_hat", 2000.0)):  # the scales of the DDPM tests above
+        unguided = ddim.guided_reverse_step(eps_model, x_k, kk, z)
+        xg = gsg_step(eps_model, ddim, x_k, kk, z, seg, y, scale, C, space=space)
+        with torch.no_grad():
+            assert float(gsg_loss(seg, xg, y)) < float(gsg_loss(seg, unguided, y)) - 0.05, space

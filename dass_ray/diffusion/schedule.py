@@ -95,6 +95,8 @@ class DDPMSchedule:
         self.clip_sample = bool(getattr(cfg, "clip_sample", False))
         self.precision = getattr(cfg, "precision", "fp32")  # of the UNet calls made through this schedule
         self.variance_kind = getattr(cfg, "reverse_variance", "auto")
+        # ddim_eta: None = the DDPM step above; else the DDIM step (Song et al. 2021, Eq. 12) with this eta
+        self.ddim_eta = getattr(cfg, "ddim_eta", None)
         sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                               beta_end=cfg.beta_end, beta_schedule="linear")
         self.T = cfg.num_train_timesteps
@@ -119,6 +121,7 @@ class DDPMSchedule:
         new.clip_sample = self.clip_sample
         new.precision = self.precision
         new.variance_kind = "posterior" if self.variance_kind == "auto" else self.variance_kind
+        new.ddim_eta = self.ddim_eta
         abar = self.alphas_cumprod[(ts - 1).to(self.alphas_cumprod.device)]
         prev = torch.cat([abar.new_ones(1), abar[:-1]])
         new.T = len(ts)
@@ -181,12 +184,34 @@ class DDPMSchedule:
 
     def variance(self, k: Steps, like: torch.Tensor) -> torch.Tensor:
         """Sigma of the reverse step, ``[B, 1, 1, 1]``: beta_k (Sec. 5.1) or, with the posterior
-        variance, beta~_k = (1 - alphabar_{k-1}) / (1 - alphabar_k) beta_k."""
+        variance, beta~_k = (1 - alphabar_{k-1}) / (1 - alphabar_k) beta_k; on the DDIM step
+        sigma_k^2 = eta^2 beta~_k."""
         idx = self._k(k, like.shape[0]) - 1
-        if self.variance_kind == "posterior":
+        if self.ddim_eta is not None or self.variance_kind == "posterior":
             abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
-            return self._take((1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod) * self.betas, idx, like)
+            tilde = (1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod) * self.betas
+            return self._take(tilde if self.ddim_eta is None else self.ddim_eta ** 2 * tilde, idx, like)
         return self._take(self.betas, idx, like)
+
+    def ddim_mean(self, x0: torch.Tensor, x_k: torch.Tensor, k: Steps) -> torch.Tensor:
+        """Mean of the DDIM step (Song et al. 2021, Eq. 12), ``[B, C, H, W]``:
+        sqrt(alphabar_{k-1}) x0 + sqrt(1 - alphabar_{k-1} - sigma_k^2) eps(x0), with the noise
+        re-derived from ``x0`` (clipped or guided): eps(x0) = (x_k - sqrt(alphabar_k) x0) / sqrt(1 - alphabar_k).
+        With eta = 1 it equals :meth:`posterior_mean`."""
+        idx = self._k(k, x_k.shape[0]) - 1
+        abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        abar = self._take(self.alphas_cumprod, idx, x_k)
+        abar_prev = self._take(abar_prev_all, idx, x_k)
+        var = self.variance(k, x_k)
+        eps = (x_k - abar.sqrt() * x0) / (1.0 - abar).sqrt()
+        return abar_prev.sqrt() * x0 + (1.0 - abar_prev - var).clamp(min=0.0).sqrt() * eps
+
+    def mean_from_x0(self, x0: torch.Tensor, x_k: torch.Tensor, k: Steps) -> torch.Tensor:
+        """The reverse step's mean given a (clipped or guided) x0 estimate: the DDPM posterior
+        mean, or the DDIM mean when ``ddim_eta`` is set."""
+        if self.ddim_eta is not None:
+            return self.ddim_mean(x0, x_k, k)
+        return self.posterior_mean(x0, x_k, k)
 
     def p_mean_variance(self, eps: torch.Tensor, x_k: torch.Tensor, k: Steps) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 4: mu = (x_k - beta_k / sqrt(1 - alphabar_k) eps) / sqrt(alpha_k); var = beta_k.
@@ -194,9 +219,12 @@ class DDPMSchedule:
         Returns ``mean [B, C, H, W]`` and ``var [B, 1, 1, 1]`` (Sigma = beta_k I, Sec. 5.1).
         With ``clip_sample`` the mean is the posterior mean of q(x_{k-1} | x_k, x0_hat) with
         x0_hat = (x_k - sqrt(1 - alphabar_k) eps) / sqrt(alphabar_k) clipped to [-1, 1] (equal
-        to Eq. 4 when nothing is clipped). With the posterior variance, var = beta~_k.
+        to Eq. 4 when nothing is clipped). With the posterior variance, var = beta~_k. With
+        ``ddim_eta`` set: the DDIM mean (:meth:`ddim_mean`) and var = eta^2 beta~_k.
         """
         var = self.variance(k, x_k)
+        if self.ddim_eta is not None:
+            return self.ddim_mean(self.predict_x0(eps, x_k, k), x_k, k), var
         if not self.clip_sample:
             idx = self._k(k, x_k.shape[0]) - 1
             coef = self._take(self.betas / (1.0 - self.alphas_cumprod).sqrt(), idx, x_k)
@@ -232,6 +260,10 @@ class DDPMSchedule:
         not an image at noise level k), and the push on x_{k-1} is c0_k * scale * grad: small
         at large k, where the next UNet calls still re-denoise it, and the full step at k = 1.
 
+        With ``ddim_eta`` set, the step is DDIM's (:meth:`ddim_mean`); ``space="x_k"`` then guides the
+        noise estimate, ``eps_hat = eps + sqrt(1 - alphabar_k) * scale * cond_fn(x_k, k)``, since
+        the DDIM variance (0 at eta = 0) cannot carry the push.
+
         ``guide_mask`` (bool, broadcastable to x, e.g. ``[B, 1, H, W]``): where False the
         unguided sample ``mu + sqrt(beta_k) noise`` (same noise) is taken instead.
         ``cond_fn`` is not called when it is None or ``scale == 0``. Returns a detached tensor.
@@ -246,12 +278,18 @@ class DDPMSchedule:
         unguided = self.p_sample(mean, var, kt, noise)
         if cond_fn is None or scale == 0:
             return unguided.detach()
-        if space == "x_k":
+        if space == "x_k" and self.ddim_eta is None:
             mean_hat = mean - scale * var * cond_fn(x_k, k)
+        elif space == "x_k":
+            # DDIM has no (or little) variance to scale the push by: guide the noise estimate
+            # instead, eps_hat = eps + sqrt(1 - alphabar_k) * scale * grad (Dhariwal & Nichol, Alg. 2)
+            abar = self._take(self.alphas_cumprod, kt - 1, x_k)
+            eps_hat = eps + (1.0 - abar).sqrt() * scale * cond_fn(x_k, k)
+            mean_hat, _ = self.p_mean_variance(eps_hat, x_k, kt)
         else:
             x0 = self.predict_x0(eps, x_k, kt)
             x0 = x0 - scale * cond_fn(x0, k)
-            mean_hat = self.posterior_mean(x0.clamp(-1.0, 1.0) if self.clip_sample else x0, x_k, kt)
+            mean_hat = self.mean_from_x0(x0.clamp(-1.0, 1.0) if self.clip_sample else x0, x_k, kt)
         guided = self.p_sample(mean_hat, var, kt, noise)
         if guide_mask is not None:
             guided = torch.where(guide_mask.to(guided.device), guided, unguided)

@@ -51,7 +51,7 @@ def cache_key(cfg: ExperimentConfig) -> str:
         },
         "ddpm": {k: v for k, v in cfg.to_dict()["diffusion"].items()
                  if k not in ("cache_dir", "log_every", "checkpoint_every", "weights", "sample_steps",
-                               "clip_sample", "reverse_variance")},  # sampling-only keys
+                               "clip_sample", "reverse_variance", "ddim_eta")},  # sampling-only keys
     }  # the run seed is not in the key: the DDPM is a dataset-level model (its own seed is diffusion.seed)
     import hashlib
 
@@ -147,7 +147,7 @@ def train_ddpm_loop(loop_config: dict) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(unet)
-        running += float(loss)
+        running += float(loss.detach())
         count += 1
         done = step + 1
         if done % d.log_every == 0 or done == d.train_steps:
