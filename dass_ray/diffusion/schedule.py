@@ -150,6 +150,10 @@ class DDPMSchedule:
             raise ValueError(f"k must lie in {lo}..{self.T} (paper convention), got {kt.tolist()}")
         return kt
 
+    def _alphas_cumprod_prev(self) -> torch.Tensor:
+        """``[T]``: alphabar_{k-1} at index k-1 (alphabar_0 = 1), for the posterior and DDIM terms."""
+        return torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+
     @staticmethod
     def _take(arr: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``arr[idx]`` as ``[B, 1, 1, 1]`` in ``like``'s dtype and device."""
@@ -177,7 +181,7 @@ class DDPMSchedule:
         """Mean of q(x_{k-1} | x_k, x_0) (Ho et al. Eq. 7): c0 x_0 + ck x_k, ``[B, C, H, W]``.
         With the unclipped x0_hat of eps it equals Eq. 4's mu exactly."""
         idx = self._k(k, x_k.shape[0]) - 1
-        abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        abar_prev_all = self._alphas_cumprod_prev()
         c0 = self._take(abar_prev_all.sqrt() * self.betas / (1.0 - self.alphas_cumprod), idx, x_k)
         ck = self._take(self.alphas.sqrt() * (1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod), idx, x_k)
         return c0 * x0 + ck * x_k
@@ -188,7 +192,7 @@ class DDPMSchedule:
         sigma_k^2 = eta^2 beta~_k."""
         idx = self._k(k, like.shape[0]) - 1
         if self.ddim_eta is not None or self.variance_kind == "posterior":
-            abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+            abar_prev_all = self._alphas_cumprod_prev()
             tilde = (1.0 - abar_prev_all) / (1.0 - self.alphas_cumprod) * self.betas
             return self._take(tilde if self.ddim_eta is None else self.ddim_eta ** 2 * tilde, idx, like)
         return self._take(self.betas, idx, like)
@@ -199,7 +203,7 @@ class DDPMSchedule:
         re-derived from ``x0`` (clipped or guided): eps(x0) = (x_k - sqrt(alphabar_k) x0) / sqrt(1 - alphabar_k).
         With eta = 1 it equals :meth:`posterior_mean`."""
         idx = self._k(k, x_k.shape[0]) - 1
-        abar_prev_all = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        abar_prev_all = self._alphas_cumprod_prev()
         abar = self._take(self.alphas_cumprod, idx, x_k)
         abar_prev = self._take(abar_prev_all, idx, x_k)
         var = self.variance(k, x_k)
