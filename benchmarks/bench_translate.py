@@ -108,6 +108,7 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
     from dass_ray.diffusion.schedule import DDPMSchedule, EpsModel
     from dass_ray.guidance.sgg import (gsg_step, lcg_loss_and_grad, lcg_loss_batched, lcg_loss_naive, lcg_pairs,
                                        lcg_step)
+    from dass_ray.precision import Bf16Forward, resolve_precision
 
     sched = DDPMSchedule(cfg.diffusion)
     eps = EpsModel(unet, cfg.diffusion.precision)
@@ -118,14 +119,17 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
     z = torch.randn(x.shape, generator=g)
     for p in seg.parameters():
         p.requires_grad_(False)
+    seg_fn = Bf16Forward(seg, cfg.guidance.precision)  # as translate_level calls it
 
-    res: dict = {"batch": int(x.shape[0]), "k": k, "torch_threads": torch.get_num_threads()}
+    res: dict = {"batch": int(x.shape[0]), "k": k, "torch_threads": torch.get_num_threads(),
+                 "guidance_precision": resolve_precision(cfg.guidance.precision, "cpu"),
+                 "unet_precision": resolve_precision(cfg.diffusion.precision, "cpu")}
     labels = {"digits_labels": y_digits, "multiclass_labels": y_multi}
     fns = {"unguided": lambda: sched.guided_reverse_step(eps, xk, k, z)}
     for name, y in labels.items():
-        fns[name + "/lcg"] = lambda y=y: lcg_step(eps, sched, xk, k, z, seg, y, scale, C,
+        fns[name + "/lcg"] = lambda y=y: lcg_step(eps, sched, xk, k, z, seg_fn, y, scale, C,
                                                   lcg_chunk=cfg.guidance.lcg_chunk)
-        fns[name + "/gsg"] = lambda y=y: gsg_step(eps, sched, xk, k, z, seg, y, scale, C)
+        fns[name + "/gsg"] = lambda y=y: gsg_step(eps, sched, xk, k, z, seg_fn, y, scale, C)
     t = timeit_together(fns, reps)
     un = t["unguided"]
     out = {"unguided_step": un}
@@ -411,9 +415,10 @@ def loop_throughput(cfg, rows, unet_path: str, seg_path, threads: int) -> dict:
     try:
         t_setup = time.time()
         # the same model preparation as the Ray actors (Translator), so the ratio compares like with like
-        unet = for_translation(load_unet(unet_path, cfg.diffusion))
+        unet = for_translation(load_unet(unet_path, cfg.diffusion), precision=cfg.diffusion.precision)
         sched = DDPMSchedule(cfg.diffusion)
-        seg = for_translation(load_trained(Path(seg_path), cfg.segmenter, cfg.data.num_classes)) if seg_path else None
+        seg = (for_translation(load_trained(Path(seg_path), cfg.segmenter, cfg.data.num_classes),
+                               precision=cfg.guidance.precision) if seg_path else None)
         root = data_root(cfg)
         t0 = time.time()
         n = 0
@@ -559,7 +564,8 @@ def main(argv=None) -> int:
     save_unet(unet_path, unet)
     save_state(seg_path, {"model." + k: v for k, v in seg.state_dict().items()})
     # the step timings use the models as translation prepares them (channels-last on CPU)
-    unet, seg = for_translation(unet), for_translation(seg)
+    unet = for_translation(unet, precision=cfg.diffusion.precision)
+    seg = for_translation(seg, precision=cfg.guidance.precision)
 
     batch = 4 if quick else 32  # ptl.translate_batch_size of the digits default is 32
     x, y_dig, _ = digit_batch(root, batch, cfg.data.num_classes)

@@ -193,6 +193,9 @@ class GuidanceConfig:
     # LCG's memory at paper scale, and on CPU chunks of ~64 copies run faster per copy than
     # one batch of ~200 (bench_translate's batched LCG). sgg.lcg_loss_and_grad.
     lcg_chunk: int = 64
+    # the segmenter's forward inside guidance under bf16 autocast ("auto": only where bf16 is native,
+    # as diffusion.precision); the gradient w.r.t. the image and the step stay float32
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         _finite("guidance.scale", self.scale)
@@ -217,6 +220,9 @@ class SegmenterConfig:
     augment_max_n: Optional[int] = None  # largest n for the noisy copies; None = ptl.N
     similarity_weight: float = 0.0  # ZoDi Eq. 8 lambda (1 - cos) between source and translated features
     eval_batch_size: int = 100
+    # the training forward (source, PTL, ZoDi) under bf16 autocast ("auto": only where bf16 is native,
+    # as diffusion.precision); evaluation stays float32, guidance has guidance.precision
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     # g_0 (and the oracle) shared across runs, keyed by (data, this section, schedule, seed):
     # ablations, seeds' variants and Tune trials with the same source training reuse it
     cache_dir: Optional[str] = "runs/_cache/source"

@@ -16,6 +16,7 @@ from .checkpoints import (CheckpointError, load_latest, load_state, optimizer_te
 from .config import SegmenterConfig
 from .data.transforms import PairTransform, to_diffusion
 from .losses import finetune_loss, noisy_masked_augment, seg_ce
+from .precision import Bf16Forward
 
 
 def strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -23,13 +24,21 @@ def strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class SegTrainer:
-    """SGD on a segmenter: ``model`` may be DDP-wrapped (``raw`` is the bare module)."""
+    """SGD on a segmenter: ``model`` may be DDP-wrapped (``raw`` is the bare module).
+
+    ``precision`` (``SegmenterConfig.precision``): the forward runs under bf16 autocast when it
+    resolves to bf16 (1.6x faster a step on an AMX Xeon: 46 vs 76 ms, small_cnn, batch 32,
+    2 threads); outputs are cast back to float32, so the loss, the gradients' accumulation in
+    the float32 weights and SGD stay float32.
+    """
 
     def __init__(self, model: torch.nn.Module, raw: torch.nn.Module, lr: float, momentum: float,
-                 weight_decay: float, device: torch.device):
+                 weight_decay: float, device: torch.device, precision: str = "fp32"):
         self.model = model
         self.raw = raw
         self.device = device
+        self.precision = precision
+        self._forward = Bf16Forward(model, precision, device)  # model(x, **kw) in that precision
         self.base_lr = lr
         self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -40,7 +49,7 @@ class SegTrainer:
     def step_source(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One SGD step of CE on a (possibly augmented) labelled batch. x [B,3,H,W] in [-1,1], y [B,H,W]."""
         self.model.train()
-        loss = seg_ce(self.model(x.to(self.device)), y.to(self.device))
+        loss = seg_ce(self._forward(x.to(self.device)), y.to(self.device))
         self._apply(loss)
         return {"loss": float(loss.detach())}
 
@@ -48,7 +57,7 @@ class SegTrainer:
                   similarity_weight: float) -> dict[str, float]:
         """One SGD step of L_ft (Eq. 12) / ZoDi's L (Eq. 8) on paired source/translated batches."""
         self.model.train()
-        loss, parts = finetune_loss(self.model, x_trans.to(self.device), x_src.to(self.device), y.to(self.device),
+        loss, parts = finetune_loss(self._forward, x_trans.to(self.device), x_src.to(self.device), y.to(self.device),
                                     l_src=l_src, similarity_weight=similarity_weight)
         self._apply(loss)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
@@ -96,7 +105,8 @@ def start_training(seg_cfg: SegmenterConfig, num_classes: int, device: torch.dev
     torch.manual_seed(seed)
     raw = build_segmenter(seg_cfg, num_classes).to(device)
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
-    trainer = SegTrainer(model, raw, seg_cfg.lr, seg_cfg.momentum, seg_cfg.weight_decay, device)
+    trainer = SegTrainer(model, raw, seg_cfg.lr, seg_cfg.momentum, seg_cfg.weight_decay, device,
+                         precision=seg_cfg.precision)
     meta = trainer.try_resume(resume_from)
     start = int(meta["iter"]) if meta else 0
     if start:

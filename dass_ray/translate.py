@@ -16,6 +16,7 @@ import torch
 from dass_ray.config import GuidanceConfig
 from dass_ray.diffusion.schedule import DDPMSchedule, EpsModel
 from dass_ray.guidance.sgg import check_labels, gsg_step, lcg_step, module_sequence
+from dass_ray.precision import Bf16Forward, resolve_precision
 
 
 class TranslationError(RuntimeError):
@@ -52,18 +53,23 @@ class _Respaced:
         return self.eps_model(x, self.map.to(k.device)[k - 1])
 
 
-def for_translation(module: torch.nn.Module, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """``module`` on ``device`` in eval mode, with channels-last weights on CPU (returned for chaining).
+def for_translation(module: torch.nn.Module, device: torch.device | str = "cpu",
+                    precision: str = "fp32") -> torch.nn.Module:
+    """``module`` on ``device`` in eval mode, with channels-last weights on CPU when it runs in
+    float32 (returned for chaining). ``precision``: the one its forward runs in
+    (``diffusion.precision`` for the UNet, ``guidance.precision`` for the segmenter).
 
     Only the inference side uses it (the UNet forward, the segmenter forward and its
-    backward w.r.t. the input in SGG): measured with the digits models at batch 32 on one
-    thread of the 2-core AVX2 machine (torch 2.14), channels-last made the unguided step
-    11 % faster and the LCG / GSG steps 14 % / 9 % faster; outputs agree to ~1e-6.
-    Training steps were not faster (the UNet's 12 % slower), so training keeps the default
+    backward w.r.t. the input in SGG). Measured with the digits models at batch 32 on one
+    thread: in float32 (2-core AVX2 EPYC, torch 2.14) channels-last made the unguided step
+    11 % faster and the LCG / GSG steps 14 % / 9 % faster, outputs agreeing to ~1e-6; under
+    bf16 autocast (AMX Xeon) it made them slower (UNet forward 137 vs 105 ms, the segmenter's
+    GSG forward + backward 61 vs 57 ms), so bf16 keeps the default layout. Training steps were
+    not faster either way (the UNet's 12 % slower in fp32), so training keeps the default
     layout. Not measured on GPUs: there the layout is left as it is.
     """
     module = module.to(device).eval()
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and resolve_precision(precision, device) == "fp32":
         module = module.to(memory_format=torch.channels_last)
     return module
 
@@ -117,6 +123,7 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
         segmenter.eval()
         for p, _ in restore:
             p.requires_grad_(False)
+        seg_fn = Bf16Forward(segmenter, guidance.precision)  # the segmenter's forward in guidance.precision
     unet_training = module_of_unet.training if module_of_unet is not None else False
     if module_of_unet is not None:
         module_of_unet.eval()
@@ -130,10 +137,10 @@ def translate_level(images: torch.Tensor, labels: torch.Tensor, n: int, segmente
                 x = chain.guided_reverse_step(eps_model, x, k, z)
             else:
                 if module == "lcg":
-                    x = lcg_step(eps_model, chain, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n,
+                    x = lcg_step(eps_model, chain, x, k, z, seg_fn, labels, guidance.scale, num_classes, level=n,
                                  ids=ids, space=guidance.space, lcg_chunk=guidance.lcg_chunk)
                 else:
-                    x = gsg_step(eps_model, chain, x, k, z, segmenter, labels, guidance.scale, num_classes, level=n,
+                    x = gsg_step(eps_model, chain, x, k, z, seg_fn, labels, guidance.scale, num_classes, level=n,
                                  ids=ids, space=guidance.space)
     finally:
         if guided:

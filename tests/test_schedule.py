@@ -296,7 +296,7 @@ def test_bf16_unet_calls_stay_close_to_fp32():
 
 
 def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch):
-    from dass_ray.diffusion import schedule as sch
+    from dass_ray import precision as sch
 
     _, unet, x, k, e32, e16 = _unet_fp32_bf16()
     assert sch.resolve_precision("fp32", "cpu") == "fp32" and sch.resolve_precision("bf16", "cpu") == "bf16"

@@ -131,3 +131,33 @@ def test_respaced_translation_is_guided_finite_and_batch_independent(setup):
     plain = translate_level(x, y, 10, None, unet, sched, none, C, IDS, 0, steps=3)
     with torch.no_grad():
         assert gsg_loss(s, out, y) < gsg_loss(s, plain, y)
+
+
+def test_guidance_precision_runs_the_segmenter_in_bf16_and_still_guides(setup):
+    sched, unet, seg, x, y = setup
+    seen = []
+    h = seg.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    try:
+        outs = {p: translate_level(x, y, 6, seg, unet, sched, GuidanceConfig(scale=1e5, precision=p), C, IDS, 0)
+                for p in ("fp32", "bf16")}
+    finally:
+        h.remove()
+    assert torch.float32 in seen and torch.bfloat16 in seen  # the fp32 run, then the bf16 run
+    assert outs["bf16"].dtype == torch.float32 and torch.isfinite(outs["bf16"]).all()
+    unguided = _run(setup, n=6, scale=0.0)
+    with torch.no_grad():  # bf16 guidance still lowers the (float32) CE, and stays near the fp32 result
+        assert float(gsg_loss(seg, outs["bf16"], y)) < float(gsg_loss(seg, unguided, y))
+    assert float((outs["bf16"] - outs["fp32"]).abs().mean()) < 0.25 * float((outs["fp32"] - unguided).abs().mean())
+
+
+def test_for_translation_uses_channels_last_only_in_float32():
+    from dass_ray.translate import for_translation
+
+    def layout(m):
+        w = next(p for p in m.parameters() if p.ndim == 4)
+        return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+    seg = tiny_segmenter(C).train()
+    assert layout(for_translation(tiny_segmenter(C), precision="fp32"))
+    out = for_translation(seg, precision="bf16")
+    assert not out.training and not layout(out)  # bf16 autocast on CPU: the default layout is faster

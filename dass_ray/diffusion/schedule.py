@@ -16,13 +16,13 @@ data); ``k`` is an ``int`` or a ``LongTensor [B]``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence, Callable, Optional, Union
 
 import torch
 from diffusers import DDPMScheduler
 
 from dass_ray.config import DiffusionConfig
+from dass_ray.precision import bf16_autocast
 
 Steps = Union[int, torch.Tensor]
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_k [B,C,H,W], k LongTensor [B]) -> eps
@@ -42,46 +42,8 @@ class EpsModel:
         self.precision = precision
 
     def __call__(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), unet_autocast(x.device, self.precision):
+        with torch.no_grad(), bf16_autocast(x.device, self.precision):
             return self.unet(x, (k - 1).to(x.device)).sample.to(x.dtype)
-
-
-def bf16_is_native(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bfloat16 convolutions natively (fast).
-
-    CPUs: oneDNN's bf16 kernels (AVX512-BF16 / AMX, or AVX512 cores); without them
-    (e.g. AVX2-only CPUs) autocast falls back to emulation, measured 14x *slower*
-    than float32 for a digits UNet training step (9.6 vs 0.65-0.74 s, AVX2 EPYC,
-    2 threads). GPUs: ``torch.cuda.is_bf16_supported()``. The hardware probe runs
-    once per device type (it sits on the path of every UNet call).
-    """
-    return _bf16_native_for(torch.device(device).type)
-
-
-@functools.lru_cache(maxsize=None)
-def _bf16_native_for(device_type: str) -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch build without the probe: assume not
-            return False
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``"auto"`` -> ``"bf16"`` where :func:`bf16_is_native`, else ``"fp32"``; others unchanged."""
-    if precision == "auto":
-        return "bf16" if bf16_is_native(device) else "fp32"
-    return precision
-
-
-def unet_autocast(device: torch.device | str, precision: str):
-    """``torch.autocast`` to bfloat16 on ``device``'s type when ``precision`` resolves to ``"bf16"``
-    (:func:`resolve_precision`), else a no-op."""
-    dev = torch.device(device).type
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
 class DDPMSchedule:

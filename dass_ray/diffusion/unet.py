@@ -17,7 +17,8 @@ from diffusers import UNet2DModel
 
 from dass_ray.checkpoints import CheckpointError, load_state, save_state
 from dass_ray.config import DiffusionConfig
-from dass_ray.diffusion.schedule import DDPMSchedule, unet_autocast
+from dass_ray.diffusion.schedule import DDPMSchedule
+from dass_ray.precision import bf16_autocast
 
 
 def build_unet(cfg: DiffusionConfig) -> UNet2DModel:
@@ -140,6 +141,6 @@ def ddpm_loss(unet: UNet2DModel, schedule: DDPMSchedule, x0: torch.Tensor,
     k = torch.randint(1, schedule.T + 1, (B,), generator=generator, device=gdev).cpu()
     noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
     x_k = schedule.q_sample(x0, k, noise)
-    with unet_autocast(x0.device, precision):
+    with bf16_autocast(x0.device, precision):
         pred = unet(x_k, (k - 1).to(x0.device)).sample
     return F.mse_loss(pred.float(), noise)

@@ -82,7 +82,8 @@ def train_ddpm_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from ..data.transforms import to_diffusion
-    from ..diffusion.schedule import DDPMSchedule, resolve_precision
+    from ..diffusion.schedule import DDPMSchedule
+    from ..precision import resolve_precision
     from ..diffusion.unet import EMA, build_unet, ddpm_loss
 
     cfg = common.worker_config(loop_config)

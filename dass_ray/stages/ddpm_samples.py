@@ -42,7 +42,7 @@ def sample_grid(cfg: ExperimentConfig, unet_path: Path, out_png: Path, count: in
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from ..translate import for_translation
 
-    unet = for_translation(load_unet(unet_path, cfg.diffusion))
+    unet = for_translation(load_unet(unet_path, cfg.diffusion), precision=cfg.diffusion.precision)
     src = common.load(cfg, cfg.data.source_domain, cfg.data.source_split, labels=False)
     tgt = common.load(cfg, cfg.data.target_domain, cfg.data.target_train_split, labels=False)
     m = max(count, min(stat_count, len(src.ids) // 2, len(tgt.ids) // 2))

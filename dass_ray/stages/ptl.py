@@ -134,7 +134,8 @@ def ptl_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)
     raw = load_trained(start_ckpt, cfg.segmenter, cfg.data.num_classes).to(device)
     model = ray.train.torch.prepare_model(raw) if world > 1 else raw
-    trainer = SegTrainer(model, raw, cfg.ptl.lr, cfg.ptl.momentum, cfg.segmenter.weight_decay, device)
+    trainer = SegTrainer(model, raw, cfg.ptl.lr, cfg.ptl.momentum, cfg.segmenter.weight_decay, device,
+                         precision=cfg.segmenter.precision)
     val = common.load(cfg, cfg.data.target_domain, cfg.data.target_val_split) if rank == 0 else None
     names = list(PROTOCOLS[cfg.data.protocol].names)
     classes = PROTOCOLS[cfg.data.protocol].classes

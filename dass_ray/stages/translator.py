@@ -51,7 +51,8 @@ class Translator:
         r = self.cfg.ray
         torch.set_num_threads(r.threads_per_actor)
         self.device = pick_device(r.device, r.gpus_per_actor)
-        self.unet = for_translation(load_unet(unet_path, self.cfg.diffusion), self.device)
+        self.unet = for_translation(load_unet(unet_path, self.cfg.diffusion), self.device,
+                                    self.cfg.diffusion.precision)
         self.schedule = DDPMSchedule(self.cfg.diffusion).to(self.device)
         self.segmenters = {int(k): v for k, v in segmenters.items()}
         self.root = Path(source_root)
@@ -88,7 +89,7 @@ class Translator:
             from ..translate import for_translation
 
             seg = load_trained(Path(path), self.cfg.segmenter, self.cfg.data.num_classes)
-            self._seg = for_translation(seg, self.device)
+            self._seg = for_translation(seg, self.device, self.cfg.guidance.precision)
             self._seg_path = path
             self._seg_id = checkpoint_id(path)
         return self._seg, self._seg_id
