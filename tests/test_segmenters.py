@@ -12,6 +12,7 @@ from torch import nn
 
 from dass_ray.checkpoints import CheckpointError, save_state
 from dass_ray.config import SegArch, SegmenterConfig
+from dass_ray.precision import Bf16Forward
 from dass_ray.segmenters import (Segmenter, SmallCNN, build_segmenter, load_pretrained_backbone, load_segmenter,
                                  read_segmenter_meta, save_segmenter)
 from dass_ray.segmenters.base import IMAGENET_MEAN, IMAGENET_STD
@@ -55,6 +56,11 @@ def test_arch_builds_and_runs(arch):
         plain = model(x)
         again, _ = model(x, return_features=True)
     assert plain.shape == (2, C, 64, 64) and torch.allclose(plain, again)
+    # segmenter.precision / guidance.precision bf16: the same contract, float32 outputs near fp32's
+    with torch.no_grad():
+        lb, pb = Bf16Forward(model, "bf16")(x, return_features=True)
+    assert lb.dtype == pb.dtype == torch.float32 and lb.shape == plain.shape and pb.shape == pooled.shape
+    assert float((lb - plain).abs().mean()) < 0.05 * float(plain.abs().mean()) + 1e-3
     print(f"{arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
           f"build+fwd/bwd+fwd {time.time() - t0:.1f} s")
 
