@@ -37,7 +37,6 @@ class SegTrainer:
         self.model = model
         self.raw = raw
         self.device = device
-        self.precision = precision
         self._forward = Bf16Forward(model, precision, device)  # model(x, **kw) in that precision
         self.base_lr = lr
         self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
