@@ -45,6 +45,7 @@ def _finite(key: str, value: float) -> None:
 
 DIGITS_CLASSES = 11
 
+Precision = Literal["auto", "fp32", "bf16"]  # dass_ray.precision: bf16 autocast, "auto" where native
 Arrangement = Literal["alternate", "lcg_then_gsg", "gsg_then_lcg", "random", "lcg_only", "gsg_only", "none"]
 Method = Literal["ptl", "zodi", "source_only", "oracle"]
 SegArch = Literal[
@@ -133,7 +134,7 @@ class DiffusionConfig:
     # native bf16 (AVX512) and on recent GPUs, but 14x slower where it is emulated (measured on an
     # AVX2-only EPYC): "auto" picks bf16 only where it is native. The guidance gradient and the schedule
     # stay float32/64.
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     # the DDPM's training seed: the trained model is cached by (data, this section), so runs
     # with other run seeds (ablation seeds, Tune trials) share one DDPM
     seed: int = 0
@@ -195,7 +196,7 @@ class GuidanceConfig:
     lcg_chunk: int = 64
     # the segmenter's forward inside guidance under bf16 autocast ("auto": only where bf16 is native,
     # as diffusion.precision); the gradient w.r.t. the image and the step stay float32
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         _finite("guidance.scale", self.scale)
@@ -222,7 +223,7 @@ class SegmenterConfig:
     eval_batch_size: int = 100
     # the training forward (source, PTL, ZoDi) under bf16 autocast ("auto": only where bf16 is native,
     # as diffusion.precision); evaluation stays float32, guidance has guidance.precision
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     # g_0 (and the oracle) shared across runs, keyed by (data, this section, schedule, seed):
     # ablations, seeds' variants and Tune trials with the same source training reuse it
     cache_dir: Optional[str] = "runs/_cache/source"

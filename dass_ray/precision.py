@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import functools
 
+from typing import get_args
+
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from .config import Precision
+
+PRECISIONS = get_args(Precision)
 
 
 def bf16_is_native(device: torch.device | str) -> bool:
