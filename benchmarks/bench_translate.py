@@ -355,8 +355,14 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
 
     rcfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_actors=actors, cpus_per_actor=1.0,
                                                             threads_per_actor=threads))
+    from ray.data import DataContext
+
     orig = tr.Translator
     tr.Translator = _timed_translator_cls()  # translation_dataset passes this to map_batches
+    # every actor of the pool up before the first batch is handed out: otherwise the actor that
+    # starts first may take all the batches (--quick has 6 small ones), and "2 actors" measures one
+    ctx = DataContext.get_current()
+    orig_wait, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 600
     try:
         with CpuSampler() as cpu:
             t_start = time.time()
@@ -373,6 +379,7 @@ def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: 
             t_end = time.time()
     finally:
         tr.Translator = orig
+        ctx.wait_for_min_actors_s = orig_wait
     n = len(ids)
     first_t, first_n = seen[0]
     per_pid: dict[int, dict[float, list]] = {}  # pid -> batch start -> [duration, images]
