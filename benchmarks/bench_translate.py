@@ -351,12 +351,12 @@ def _timed_translator_cls():
 def ray_throughput(cfg, rows, unet_path: str, segs: dict, actors: int, threads: int) -> dict:
     import dataclasses
 
+    from ray.data import DataContext
+
     from dass_ray.stages import translator as tr
 
     rcfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_actors=actors, cpus_per_actor=1.0,
                                                             threads_per_actor=threads))
-    from ray.data import DataContext
-
     orig = tr.Translator
     tr.Translator = _timed_translator_cls()  # translation_dataset passes this to map_batches
     # every actor of the pool up before the first batch is handed out: otherwise the actor that
