@@ -7,7 +7,6 @@ same code runs on a GPU cluster, an AMX/AVX512 Xeon and an AVX2 laptop.
 from __future__ import annotations
 
 import functools
-
 from typing import get_args
 
 import torch
