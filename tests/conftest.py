@@ -25,3 +25,13 @@ def ray_local(tmp_path_factory):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    """The built-in ``digits`` benchmark, built from the package's data into a temporary root."""
+    from dass_ray.data.digits import build_digits
+
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    build_digits(root, seed=0)
+    return root

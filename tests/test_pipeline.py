@@ -65,15 +65,6 @@ def _mlflow_runs(db: Path) -> list[tuple]:
         con.close()
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    from dass_ray.data.digits import build_digits
-
-    root = tmp_path_factory.mktemp("digits") / "digits"
-    build_digits(root, seed=0)
-    return root
-
-
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end_and_resume(ray_local, digits_root, tmp_path):
     out = tmp_path / "run"
