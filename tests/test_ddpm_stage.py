@@ -23,14 +23,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    from dass_ray.data.digits import build_digits
-
-    root = tmp_path_factory.mktemp("ddpm_digits") / "digits"
-    build_digits(root, seed=0)
+def digits_root(digits_root) -> Path:
+    """conftest's ``digits`` root (built for this module) without the target-train labels."""
     # the DDPM reads target-train images only: without the labels it must still train
-    shutil.rmtree(root / "target" / "train" / "labels")
-    return root
+    shutil.rmtree(digits_root / "target" / "train" / "labels")
+    return digits_root
 
 
 def _cfg(root: Path, cache: Path, **diffusion) -> ExperimentConfig:

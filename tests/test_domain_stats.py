@@ -8,12 +8,10 @@ from dass_ray.domain_stats import DomainClassifier, feature_distance, image_feat
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from dass_ray.data.digits import build_digits
+def digits(digits_root):
     from dass_ray.data.layout import load_split
 
-    root = tmp_path_factory.mktemp("domain_stats") / "digits"
-    build_digits(root, seed=0)
+    root = digits_root
     src = load_split(root, "source", "train", num_classes=11, max_samples=600, require_labels=False).images
     tgt = load_split(root, "target", "train", num_classes=11, max_samples=600, require_labels=False).images
     val = load_split(root, "target", "val", num_classes=11, max_samples=200, require_labels=False).images
