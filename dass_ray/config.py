@@ -248,7 +248,7 @@ class SegmenterConfig:
 class PTLConfig:
     """Progressive Translation Learning (Sec. 4.3, Eq. 11, 12).
 
-    Levels n = stride, 2*stride, ..., N. Each level translates
+    Levels n = stride, 2*stride, ..., N (or ``first_level``, ``first_level`` + stride, ..., N). Each level translates
     ``iters_per_level * batch_size`` source images with phi^n + SGG(g_{n-1})
     and fine-tunes g on them as they stream in; ``epochs_per_level`` > 1 then
     replays the level's translations (kept in memory) that many times in all, so
@@ -271,9 +271,16 @@ class PTLConfig:
     # Same images, same order. Measured on 2 cores (README): the first batch comes ~13 s sooner,
     # but the actors' start-up and the waiting pipeline slow the replay by more, so it is off.
     prestart_next_level: bool = False
+    # The first level (None: stride). Beyond the paper, whose walk starts at n = 1: a later start
+    # spends the same budget on levels nearer N (e.g. 700, 800, 900, 1000 with stride 100), whose
+    # translations are the ones that cross the digits gap (README, Levers).
+    first_level: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check(self.N >= 1, "ptl.N", self.N, "an integer >= 1")
+        if self.first_level is not None:
+            _check(1 <= self.first_level <= self.N, "ptl.first_level", self.first_level,
+                   f"null or an integer in 1..ptl.N ({self.N})")
         _check(self.stride >= 1, "ptl.stride", self.stride, "an integer >= 1")
         _check(self.stride <= self.N, "ptl.stride", self.stride, f"1..ptl.N ({self.N})")
         _check(self.iters_per_level >= 1, "ptl.iters_per_level", self.iters_per_level, "an integer >= 1")
@@ -290,8 +297,9 @@ class PTLConfig:
         return self.iters_per_level * self.epochs_per_level
 
     def levels(self) -> list[int]:
-        """n = s, 2s, ..., and always N last (when N is not a multiple of s)."""
-        out = list(range(self.stride, self.N + 1, self.stride))
+        """n = f, f + s, f + 2s, ... (f = ``first_level``, default s), and always N last."""
+        first = self.stride if self.first_level is None else self.first_level
+        out = list(range(first, self.N + 1, self.stride))
         if out[-1] != self.N:
             out.append(self.N)
         return out
@@ -441,6 +449,11 @@ UNHASHED: dict[tuple[str, str], Any] = {
     ("ray", "num_actors"): 1,
     ("ray", "cpus_per_actor"): 1.0,
 }
+# Keys added after runs existed that DO change the output: hashed only when set to something
+# other than this default, so that the runs made before (which had the default) keep their hash.
+HASHED_UNLESS_DEFAULT: dict[tuple[str, str], Any] = {
+    ("ptl", "first_level"): None,
+}
 
 
 @dataclass
@@ -476,9 +489,13 @@ class ExperimentConfig:
     def hash(self, *sections: str) -> str:
         """A short stable hash of the whole config, or of the named sections only.
 
-        Keys in :data:`UNHASHED` are left out or hashed at a fixed value.
+        Keys in :data:`UNHASHED` are left out or hashed at a fixed value; keys in
+        :data:`HASHED_UNLESS_DEFAULT` are left out while they have that default.
         """
         d = self.to_dict()
+        for (section, key), default in HASHED_UNLESS_DEFAULT.items():
+            if d[section][key] == default:
+                d[section].pop(key)
         for (section, key), value in UNHASHED.items():
             if value is OMIT:
                 d[section].pop(key)

@@ -150,6 +150,26 @@ def test_levels_with_stride():
     assert cfg.ptl.levels() == [1, 2, 3]
 
 
+def test_levels_from_a_first_level():
+    cfg = from_dict(ExperimentConfig, {"ptl": {"N": 1000, "stride": 100, "first_level": 700}})
+    assert cfg.ptl.levels() == [700, 800, 900, 1000]
+    cfg = from_dict(ExperimentConfig, {"ptl": {"N": 10, "stride": 4, "first_level": 3}})
+    assert cfg.ptl.levels() == [3, 7, 10]  # N always last
+    assert from_dict(ExperimentConfig, {"ptl": {"N": 10, "stride": 4, "first_level": 10}}).ptl.levels() == [10]
+    for bad in (0, 11, -1):
+        with pytest.raises(ConfigError, match="ptl.first_level"):
+            from_dict(ExperimentConfig, {"ptl": {"N": 10, "first_level": bad}})
+
+
+def test_first_level_is_hashed_only_when_set():
+    # runs made before the key existed keep their hash; setting it changes the run
+    a = ExperimentConfig()
+    assert a.hash() == "77b0685ef14829e3"  # the defaults' hash as computed before ptl.first_level existed
+    assert set_path(a, "ptl.first_level", a.ptl.stride).hash() != a.hash()
+    assert set_path(a, "ptl.first_level", 300).hash("ptl") != a.hash("ptl")
+    assert set_path(a, "ptl.first_level", None).hash() == a.hash()
+
+
 def test_hash_is_stable_and_sensitive():
     a, b = ExperimentConfig(), ExperimentConfig()
     assert a.hash() == b.hash()
