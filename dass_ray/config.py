@@ -248,7 +248,7 @@ class SegmenterConfig:
 class PTLConfig:
     """Progressive Translation Learning (Sec. 4.3, Eq. 11, 12).
 
-    Levels n = stride, 2*stride, ..., N (or ``first_level``, ``first_level`` + stride, ..., N). Each level translates
+    Levels n = stride, 2*stride, ..., N (from ``first_level`` when set). Each level translates
     ``iters_per_level * batch_size`` source images with phi^n + SGG(g_{n-1})
     and fine-tunes g on them as they stream in; ``epochs_per_level`` > 1 then
     replays the level's translations (kept in memory) that many times in all, so
@@ -272,8 +272,9 @@ class PTLConfig:
     # but the actors' start-up and the waiting pipeline slow the replay by more, so it is off.
     prestart_next_level: bool = False
     # The first level (None: stride). Beyond the paper, whose walk starts at n = 1: a later start
-    # spends the same budget on levels nearer N (e.g. 700, 800, 900, 1000 with stride 100), whose
-    # translations are the ones that cross the digits gap (README, Levers).
+    # spends the same budget on levels nearer N, whose translations cross the gap. On digits,
+    # 700, 800, 900, 1000 scored 29.4 +- 9.0 against 33.9 +- 0.6 for 250..1000 (3 seeds; README,
+    # Ablations: the early levels adapt g before it guides the levels near N).
     first_level: Optional[int] = None
 
     def __post_init__(self) -> None:
