@@ -11,10 +11,10 @@ from dass_ray.domain_stats import DomainClassifier, feature_distance, image_feat
 def digits(digits_root):
     from dass_ray.data.layout import load_split
 
-    root = digits_root
-    src = load_split(root, "source", "train", num_classes=11, max_samples=600, require_labels=False).images
-    tgt = load_split(root, "target", "train", num_classes=11, max_samples=600, require_labels=False).images
-    val = load_split(root, "target", "val", num_classes=11, max_samples=200, require_labels=False).images
+    def images(domain: str, split: str, n: int) -> np.ndarray:
+        return load_split(digits_root, domain, split, num_classes=11, max_samples=n, require_labels=False).images
+
+    src, tgt, val = images("source", "train", 600), images("target", "train", 600), images("target", "val", 200)
     clf = DomainClassifier.fit(src[:300], tgt[:300], seed=0)
     return {"src": src, "tgt": tgt, "val": val, "clf": clf}
 
