@@ -1,12 +1,14 @@
 """The ablation table on `digits` (paper Tab. 2, 3, 5, 6): every variant, several seeds, mean and std.
 
-    python benchmarks/ablation_digits.py --seeds 3 --out bench_out/ablation_digits.json [--variants a,b] [--readme]
+    python benchmarks/ablation_digits.py --seeds 3 --out bench_out/ablation_digits.json [--variants a,b] [--write-docs]
 
 Each variant is an experiment file in ``experiments/`` run with ``dass-ray run`` semantics
 (``dass_ray.pipeline.run``) and ``--set seed=S``; runs are resumable (an interrupted
-benchmark re-run skips finished runs). The JSON holds every run's metrics; ``--readme``
-rewrites the table between the markers ``<!-- ablation:begin -->`` / ``<!-- ablation:end -->``
-in README.md from the JSON. Fair protocol (issue 8): every variant of one seed shares g_0
+benchmark re-run skips finished runs). The JSON holds every run's metrics; ``--write-docs``
+rewrites, from the JSON, the variant table and the paired summary between the markers
+``<!-- ablation-summary:begin -->`` / ``<!-- ablation-summary:end -->`` in README.md and the
+same with the per-level statistics between ``<!-- ablation:begin -->`` / ``<!-- ablation:end -->``
+in docs/measurements.md (``--render`` does only that, from an existing JSON). Fair protocol (issue 8): every variant of one seed shares g_0
 (the same source schedule; cached) and the number of segmenter updates and translations
 (the configs extend ``digits_ptl.yaml``; ``tests/test_config.py`` checks the budgets);
 source-only is reported at that budget (``source_only_equal_budget_miou``, its
@@ -152,7 +154,8 @@ def _full_minus(results: dict, name: str) -> str:
     return f"{_ms(d)} ({per}; seeds {', '.join(map(str, seeds))})"
 
 
-def table(results: dict) -> str:
+def table(results: dict, levels: bool = True) -> str:
+    """Markdown: the variant table, (``levels``) the per-level statistics, then the paired summary."""
     rows = ["| variant | target-val mIoU (mean ± std) | seeds | segmenter updates | full PTL minus the variant, "
             "paired by seed |", "|---|---|---|---|---|"]
     for label, name in VARIANTS:
@@ -168,7 +171,8 @@ def table(results: dict) -> str:
                         f" | {len(runs)} | | |")
             rows.append(f"| source-only, best checkpoint by source-val | "
                         f"{_ms([x.get('source_only_best_source_val_miou') for x in runs])} | {len(runs)} | | |")
-    rows += level_table(results)
+    if levels:
+        rows += level_table(results)
     s = summary(results)
     if s:
         rows.append("")
@@ -190,6 +194,27 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+DOC_TABLES = (("README.md", "ablation-summary", False), ("docs/measurements.md", "ablation", True))
+
+
+def replace_between_markers(text: str, marker: str, body: str, where: str = "text") -> str:
+    """``text`` with what lies between ``<!-- {marker}:begin -->`` and ``<!-- {marker}:end -->``
+    replaced by ``body``; a missing marker is an error (a table silently not written is worse)."""
+    a, b = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if a not in text or b not in text:
+        raise ValueError(f"{where}: markers {a} / {b} not found")
+    head, rest = text.split(a, 1)
+    _, tail = rest.split(b, 1)
+    return head + a + "\n" + body + "\n" + b + tail
+
+
+def write_docs(results: dict, root: Path = ROOT) -> None:
+    """The summary table into README.md, the full one (with per-level statistics) into docs/measurements.md."""
+    for rel, marker, levels in DOC_TABLES:
+        path = root / rel
+        path.write_text(replace_between_markers(path.read_text(), marker, table(results, levels=levels), str(path)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -197,7 +222,10 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/ablation_digits", help="where the runs go (resumable)")
     ap.add_argument("--variants", default=None, help="comma-separated experiment names (default: all)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides for every run")
-    ap.add_argument("--readme", action="store_true", help="rewrite the README table from the JSON")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="rewrite the tables in README.md and docs/measurements.md from the JSON")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: only rewrite the tables of README.md and docs/measurements.md from --out")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: rebuild the JSON from the finished runs' metrics.json under --runs")
     args = ap.parse_args()
@@ -207,6 +235,11 @@ def main() -> int:
 
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
+    if args.render:
+        if not previous:
+            raise SystemExit(f"--render: {out} does not exist")
+        write_docs(previous["results"])
+        return 0
     results = previous.get("results", {})
     names = args.variants.split(",") if args.variants else [n for _, n in VARIANTS]
     t0 = time.time()
@@ -231,14 +264,8 @@ def main() -> int:
                                        "wall_s": previous.get("wall_s") if args.collect else round(time.time() - t0, 1),
                                        "summary": summary(results), "results": results}, indent=2))
     print(table(results))
-    if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        a, b = "<!-- ablation:begin -->", "<!-- ablation:end -->"
-        if a in text and b in text:
-            head, rest = text.split(a, 1)
-            _, tail = rest.split(b, 1)
-            readme.write_text(head + a + "\n" + table(results) + "\n" + b + tail)
+    if args.write_docs:
+        write_docs(results)
     return 0
 
 

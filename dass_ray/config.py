@@ -268,12 +268,12 @@ class PTLConfig:
     epochs_per_level: int = 1
     # Start level n+1's translation pipeline (its actors: process, imports, UNet) as soon as level
     # n's translations are consumed, instead of when level n+1 begins; the actors wait for g_n.
-    # Same images, same order. Measured on 2 cores (README): the first batch comes ~13 s sooner,
+    # Same images, same order. Measured on 2 cores (docs/measurements.md): the first batch comes ~13 s sooner,
     # but the actors' start-up and the waiting pipeline slow the replay by more, so it is off.
     prestart_next_level: bool = False
     # The first level (None: stride). Beyond the paper, whose walk starts at n = 1: a later start
     # spends the same budget on levels nearer N, whose translations cross the gap. On digits,
-    # 700, 800, 900, 1000 scored 29.4 +- 9.0 against 33.9 +- 0.6 for 250..1000 (3 seeds; README,
+    # 700, 800, 900, 1000 scored 29.4 +- 9.0 against 33.9 +- 0.6 for 250..1000 (3 seeds; docs/measurements.md,
     # Ablations: the early levels adapt g before it guides the levels near N).
     first_level: Optional[int] = None
 

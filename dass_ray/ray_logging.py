@@ -2,7 +2,7 @@
 
 Kept free of heavy imports (no torch, no ray.train): every Ray worker process of the job
 imports this module before it runs anything, and session 10 measured that a hook which
-pre-imports the ML stack makes every worker pay for it (README, Translation speed).
+pre-imports the ML stack makes every worker pay for it (docs/measurements.md, Translation speed).
 
 What it silences, and why:
 

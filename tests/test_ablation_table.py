@@ -69,3 +69,35 @@ def test_the_papers_ordering_is_paired_by_seed(abl):
     assert "Full PTL minus w/o PTL (one level n = N, SGG with g_0), paired by seed: -0.7 ± 4.5 (-1.0, +4.0, -5.0)." in t
     assert "W/o PTL minus the baseline (phi^N, no SGG), paired by seed: 3.5 ± 0.7 (+3.0, +4.0)." in t
     assert "| baseline (phi^N, no SGG) | 17.0 ± 1.4 | 2 | 1400 | 5.0 ± 4.2 (+2.0, +8.0; seeds 0, 1) |" in t
+
+
+def test_write_docs_puts_the_summary_in_the_readme_and_the_levels_in_the_measurements(abl, tmp_path):
+    lv = [(1000, 30.0, 90.0)]
+    results = {"digits_source_only": {"runs": [abl.run_record(0, _metrics(15.0))]},
+               "digits_ptl": {"runs": [abl.run_record(0, _metrics(18.0, lv))]}}
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("intro\n<!-- ablation-summary:begin -->\nold\n<!-- ablation-summary:end -->\nafter\n")
+    (tmp_path / "docs" / "measurements.md").write_text("x\n<!-- ablation:begin -->\nold\n<!-- ablation:end -->\ny\n")
+    abl.write_docs(results, root=tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    docs = (tmp_path / "docs" / "measurements.md").read_text()
+    assert readme.startswith("intro\n<!-- ablation-summary:begin -->\n| variant |") and readme.endswith("end -->\nafter\n")
+    assert "old" not in readme and "old" not in docs
+    assert "| full (PTL + SGG, alternate) | 18.0 (1 run) |" in readme and "| full (PTL + SGG, alternate) | 1000 |" not in readme
+    assert "| full (PTL + SGG, alternate) | 1000 | 30.0 (1 run) |" in docs and docs.endswith("end -->\ny\n")
+    # a file without its markers is an error naming it, not a table silently left out
+    (tmp_path / "README.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="README.md: markers <!-- ablation-summary:begin -->"):
+        abl.write_docs(results, root=tmp_path)
+
+
+def test_the_tables_in_the_docs_are_the_ones_the_json_gives(abl):
+    # README.md and docs/measurements.md show bench_out/ablation_digits.json as --write-docs renders it
+    # (edit the JSON's runs, never the tables by hand)
+    import json
+
+    results = json.loads((abl.ROOT / "bench_out" / "ablation_digits.json").read_text())["results"]
+    for rel, marker, levels in abl.DOC_TABLES:
+        text = (abl.ROOT / rel).read_text()
+        block = text.split(f"<!-- {marker}:begin -->\n", 1)[1].split(f"\n<!-- {marker}:end -->", 1)[0]
+        assert block == abl.table(results, levels=levels), rel

@@ -18,7 +18,7 @@ cycle. Its cost is one actor start-up per level (process, imports, UNet;
 (:class:`_LevelStream`) starts as soon as level n's translations are consumed:
 its actor starts while level n replays and waits for g_n's checksum file
 before translating. On 2 cores that moved the start-up's CPU time into the
-replay and made PTL slower overall (README, What the demo measures), so it is
+replay and made PTL slower overall (docs/measurements.md, What the demo measures), so it is
 off by default. A level's record has ``first_batch_s`` (its start to its first
 translated batch) and ``pipeline_lead_s``.
 
@@ -213,7 +213,7 @@ def ptl_loop(loop_config: dict) -> None:
             # level n+1's actor starts now, while this level replays; it translates once g_n is published
             nxt = start_level(levels[li + 1], str(level_dir(run_dir, n) / SEG_FILE))
         # the level's actors are done: its replay epochs and evaluation may use their CPUs
-        # (measured on 2 cores: README, What the demo measures)
+        # (measured on 2 cores: docs/measurements.md, What the demo measures)
         common.env_threads(cfg.ray.replay_threads())
         t_replay = time.time()
         if cfg.ptl.epochs_per_level > 1:  # replay the level's translations (no new UNet work)
