@@ -37,7 +37,7 @@ VARIANTS = [
     ("w/o LCG", "digits_ablation_wo_lcg"),
     ("w/o GSG", "digits_ablation_wo_gsg"),
     ("full (PTL + SGG, alternate)", "digits_ptl"),
-    ("SGG on x_k (Eq. 7 as printed, lambda 1e4)", "digits_ablation_sgg_on_xk"),
+    ("SGG on x_k (Eq. 7 as printed, lambda 625)", "digits_ablation_sgg_on_xk"),
     ("L_ada only", "digits_ablation_l_ada_only"),
     ("arrangement lcg_then_gsg", "digits_arrangement_lcg_then_gsg"),
     ("arrangement gsg_then_lcg", "digits_arrangement_gsg_then_lcg"),
