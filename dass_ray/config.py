@@ -479,6 +479,13 @@ class ExperimentConfig:
         if self.diffusion.weights is None:
             _check(self.ptl.N <= self.diffusion.num_train_timesteps, "ptl.N", self.ptl.N,
                    f"1..diffusion.num_train_timesteps ({self.diffusion.num_train_timesteps})")
+        if self.ray.device == "cuda":  # every stage trains in workers; ptl and zodi also translate in actors
+            _check(self.ray.gpus_per_worker > 0, "ray.gpus_per_worker", self.ray.gpus_per_worker,
+                   "> 0 with ray.device 'cuda' (or device 'auto': CUDA only where a GPU was given)")
+            if self.method in ("ptl", "zodi"):
+                _check(self.ray.gpus_per_actor > 0, "ray.gpus_per_actor", self.ray.gpus_per_actor,
+                       f"> 0 with ray.device 'cuda' and method {self.method!r}, whose actors translate "
+                       "(or device 'auto': CUDA only where a GPU was given)")
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:

@@ -49,27 +49,50 @@ def ensure_ray(cfg: RayConfig):
     return ray
 
 
+def cuda_index(gpu_ids: list, visible: Optional[str]) -> int:
+    """The torch CUDA index of the first GPU Ray assigned (``ray.get_gpu_ids()``).
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to a task's GPUs, so torch numbers them from 0 in
+    that list's order; with ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` (or a node started
+    with its own list) the variable keeps the node's GPUs and the assigned id must be looked
+    up in it, as ``ray.train.torch.get_devices`` does. No assigned ids: index 0.
+    """
+    if not gpu_ids:
+        return 0
+    first = str(gpu_ids[0]).strip()
+    if visible is not None and visible.strip():
+        listed = [v.strip() for v in visible.split(",")]
+        if first in listed:
+            return listed.index(first)
+        raise RuntimeError(f"Ray assigned GPU {first!r}, which CUDA_VISIBLE_DEVICES={visible!r} does not list")
+    return int(first)
+
+
 def pick_device(requested: str, gpus: float) -> torch.device:
     """The device for a worker/actor: from the config and the resources it was given.
 
     Ray no longer hides GPUs from tasks that asked for none (STACK-NOTES), so
-    ``torch.cuda.is_available()`` alone would put CPU-only actors on a GPU.
+    ``torch.cuda.is_available()`` alone would put CPU-only actors on a GPU; ``device: cuda``
+    for a task given no GPU is an error, not a GPU shared outside Ray's accounting.
     """
     if requested == "cpu":
         return torch.device("cpu")
-    if requested == "cuda" or (requested == "auto" and gpus > 0):
-        if not torch.cuda.is_available():
-            if requested == "cuda":
-                raise RuntimeError("ray.device is 'cuda' but no CUDA device is visible to this worker")
-            return torch.device("cpu")
-        try:
-            import ray
+    if gpus <= 0:
+        if requested == "cuda":
+            raise RuntimeError("ray.device is 'cuda' but this task was given no GPU (its ray.gpus_per_actor or "
+                               "ray.gpus_per_worker is 0): give it GPUs, or use device 'auto' (CPU where no GPU was given)")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise RuntimeError("ray.device is 'cuda' but no CUDA device is visible to this worker")
+        return torch.device("cpu")
+    try:
+        import ray
 
-            ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        except Exception:
-            ids = []
-        return torch.device("cuda", 0) if not ids else torch.device("cuda", 0)
-    return torch.device("cpu")
+        ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # outside a Ray task: no assignment to honour
+        ids = []
+    return torch.device("cuda", cuda_index(ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
 
 
 def train_device(requested: str, gpus_per_worker: float) -> torch.device:
