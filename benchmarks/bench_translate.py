@@ -112,7 +112,8 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
 
     sched = DDPMSchedule(cfg.diffusion)
     eps = EpsModel(unet, cfg.diffusion.precision)
-    scale, C = cfg.guidance.scale, cfg.data.num_classes
+    # the recipe's guidance space (x0_hat: the segmenter reads the denoised estimate) and step kind (DDIM)
+    scale, C, space = cfg.guidance.scale, cfg.data.num_classes, cfg.guidance.space
     k = 300
     g = torch.Generator().manual_seed(0)
     xk = torch.randn(x.shape, generator=g) * 0.7 + x * 0.3
@@ -122,14 +123,15 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
     seg_fn = Bf16Forward(seg, cfg.guidance.precision)  # as translate_level calls it
 
     res: dict = {"batch": int(x.shape[0]), "k": k, "torch_threads": torch.get_num_threads(),
+                 "guidance_space": space, "ddim_eta": cfg.diffusion.ddim_eta,
                  "guidance_precision": resolve_precision(cfg.guidance.precision, "cpu"),
                  "unet_precision": resolve_precision(cfg.diffusion.precision, "cpu")}
     labels = {"digits_labels": y_digits, "multiclass_labels": y_multi}
     fns = {"unguided": lambda: sched.guided_reverse_step(eps, xk, k, z)}
     for name, y in labels.items():
-        fns[name + "/lcg"] = lambda y=y: lcg_step(eps, sched, xk, k, z, seg_fn, y, scale, C,
+        fns[name + "/lcg"] = lambda y=y: lcg_step(eps, sched, xk, k, z, seg_fn, y, scale, C, space=space,
                                                   lcg_chunk=cfg.guidance.lcg_chunk)
-        fns[name + "/gsg"] = lambda y=y: gsg_step(eps, sched, xk, k, z, seg_fn, y, scale, C)
+        fns[name + "/gsg"] = lambda y=y: gsg_step(eps, sched, xk, k, z, seg_fn, y, scale, C, space=space)
     t = timeit_together(fns, reps)
     un = t["unguided"]
     out = {"unguided_step": un}
@@ -222,16 +224,16 @@ def bench_profile(cfg, unet, seg, x: torch.Tensor, y: torch.Tensor) -> dict:
                 return self.m(xx)
 
     lseg = Labelled(seg).eval()
-    scale, C, k = cfg.guidance.scale, cfg.data.num_classes, 300
+    scale, C, k, space = cfg.guidance.scale, cfg.data.num_classes, 300, cfg.guidance.space
     g = torch.Generator().manual_seed(1)
     xk, z = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
-    lcg_step(eps, sched, xk, k, z, lseg, y, scale, C)  # warm-up
-    gsg_step(eps, sched, xk, k, z, lseg, y, scale, C)
+    lcg_step(eps, sched, xk, k, z, lseg, y, scale, C, space=space)  # warm-up
+    gsg_step(eps, sched, xk, k, z, lseg, y, scale, C, space=space)
     out = {}
     for name, fn in (("lcg", lcg_step), ("gsg", gsg_step)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function("step"):
-                fn(eps, sched, xk, k, z, lseg, y, scale, C)
+                fn(eps, sched, xk, k, z, lseg, y, scale, C, space=space)
         ev = {e.key: e for e in prof.key_averages()}
         us = lambda key: float(ev[key].cpu_time_total) if key in ev else 0.0  # noqa: E731
         step, unet_f, seg_f = us("step"), us("unet_forward"), us("segmenter_forward")
