@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 
-def _add_config_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
+def _add_config_args(p: argparse.ArgumentParser, out_required: bool = False,
+                     out_help: str = "output directory (default runs/<name>/<timestamp>)") -> None:
     p.add_argument("config", help="experiment YAML file (see experiments/)")
-    p.add_argument("--out", required=out_required, help="output directory (default runs/<name>/<timestamp>)")
+    p.add_argument("--out", required=out_required, help=out_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set ptl.N=800 --set guidance.scale=1e3")
 
@@ -68,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="translate only the first K source images")
 
     p = sub.add_parser("eval", help="evaluate a segmenter checkpoint on a split (mIoU, per-class IoU)")
-    _add_config_args(p)
+    _add_config_args(p, out_help="also write the result to DIR/eval_<domain>_<split>.json (default: print only)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default=None, help="DOMAIN/SPLIT (default: the target val split)")
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a search space, logged to MLflow")
-    _add_config_args(p)
+    _add_config_args(p, out_help="output directory (default runs/<name>-tune/<timestamp>)")
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--samples", type=int, default=None, help="number of trials (default: the space's)")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default=None)
@@ -198,7 +199,14 @@ def _dispatch(args) -> int:
                 raise ConfigError(f"--split {args.split!r}: expected DOMAIN/SPLIT, e.g. target/val")
             domain, split = args.split.split("/", 1)
         res = evaluate_checkpoint(cfg, Path(args.checkpoint), domain, split)
-        print(json.dumps(res, indent=2))
+        text = json.dumps(res, indent=2)
+        print(text)
+        if args.out:
+            domain, split = domain or cfg.data.target_domain, split or cfg.data.target_val_split
+            path = Path(args.out) / f"eval_{domain}_{split}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+            print(f"written to {path}")
         return 0
 
     if args.cmd == "tune":

@@ -201,3 +201,33 @@ def test_wall_s_is_the_work_time_over_invocations_and_a_rerun_keeps_it(tmp_path,
     del state["work_s"]
     (out / "state.json").write_text(json.dumps({**state, "wall_s_before": 32.0}))
     assert pl.run(cfg, out, log=lambda m: None)["wall_s"] == 69
+
+
+def test_eval_out_writes_the_result_json(tmp_path, monkeypatch, capsys):
+    # the CLI's plumbing only: the evaluation itself is replaced (it needs Ray and a checkpoint)
+    import dass_ray.pipeline as pipeline
+
+    seen = {}
+
+    def fake_eval(cfg, ckpt, domain, split):
+        seen.update(ckpt=ckpt, domain=domain, split=split)
+        return {"miou": 12.5, "per_class_iou": [25.0, 0.0]}
+
+    monkeypatch.setattr(pipeline, "evaluate_checkpoint", fake_eval)
+    ckpt = tmp_path / "seg.safetensors"
+    assert main(["eval", str(SMOKE), "--checkpoint", str(ckpt), "--split", "source/val",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert seen == {"ckpt": ckpt, "domain": "source", "split": "val"}
+    written = json.loads((tmp_path / "ev" / "eval_source_val.json").read_text())
+    assert written == {"miou": 12.5, "per_class_iou": [25.0, 0.0]}
+    # without --split: the config's target val split names the file
+    cfg = load_config(SMOKE)
+    assert main(["eval", str(SMOKE), "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / f"eval_{cfg.data.target_domain}_{cfg.data.target_val_split}.json").exists()
+    assert seen["domain"] is None  # the pipeline resolves the default itself
+
+
+def test_tune_help_names_its_own_default_out(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune", "--help"])
+    assert "runs/<name>-tune/<timestamp>" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
