@@ -112,7 +112,7 @@ def bench_steps(cfg, unet, seg, x: torch.Tensor, y_digits: torch.Tensor, y_multi
 
     sched = DDPMSchedule(cfg.diffusion)
     eps = EpsModel(unet, cfg.diffusion.precision)
-    # the recipe's guidance space (x0_hat: the segmenter reads the denoised estimate) and step kind (DDIM)
+    # the recipe's guidance space (x0_hat: the segmenter reads the denoised estimate); ddim_eta only recorded
     scale, C, space = cfg.guidance.scale, cfg.data.num_classes, cfg.guidance.space
     k = 300
     g = torch.Generator().manual_seed(0)

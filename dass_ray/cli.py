@@ -199,13 +199,13 @@ def _dispatch(args) -> int:
                 raise ConfigError(f"--split {args.split!r}: expected DOMAIN/SPLIT, e.g. target/val")
             domain, split = args.split.split("/", 1)
         res = evaluate_checkpoint(cfg, Path(args.checkpoint), domain, split)
-        text = json.dumps(res, indent=2)
-        print(text)
+        print(json.dumps(res, indent=2))
         if args.out:
+            from .checkpoints import atomic_write_json  # as every other JSON record of a run
+
             domain, split = domain or cfg.data.target_domain, split or cfg.data.target_val_split
             path = Path(args.out) / f"eval_{domain}_{split}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
+            atomic_write_json(path, res)
             print(f"written to {path}")
         return 0
 
