@@ -266,6 +266,11 @@ class PTLConfig:
     eval_every: int = 1  # evaluate target-val mIoU every k-th level (and always at the last)
     translate_batch_size: int = 32
     epochs_per_level: int = 1
+    # Start level n+1's translation pipeline (its actors: process, imports, UNet) as soon as level
+    # n's translations are consumed, instead of when level n+1 begins; the actors wait for g_n.
+    # Same images, same order. Measured on 2 cores (docs/measurements.md): the first batch comes ~13 s sooner,
+    # but the actors' start-up and the waiting pipeline slow the replay by more, so it is off.
+    prestart_next_level: bool = False
     # The first level (None: stride). Beyond the paper, whose walk starts at n = 1: a later start
     # spends the same budget on levels nearer N, whose translations cross the gap. On digits,
     # 700, 800, 900, 1000 scored 29.4 +- 9.0 against 33.9 +- 0.6 for 250..1000 (3 seeds; docs/measurements.md,
@@ -365,8 +370,7 @@ class RayConfig:
     threads_per_actor: int = 1  # torch.set_num_threads in each actor
     object_store_mb: Optional[int] = 512  # local Ray only
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
-    # How often Ray Data may restart each translation actor of a PTL stage (one pool serves all
-    # its levels, so the count runs over the stage's run, not per level), and each ZoDi
+    # How often Ray Data may restart each translation actor of a PTL level, and each ZoDi
     # transfer actor, after it died (its batch is retried on the restarted actor). Ray Data's
     # own default is unlimited, so a batch that kills its actor every time would hang the run;
     # once the restarts are used up the PTL level fails, naming the batch, or the ZoDi transfer
@@ -399,7 +403,7 @@ class RayConfig:
             _check(self.threads_per_worker >= 1, "ray.threads_per_worker", self.threads_per_worker, "an integer >= 1 or null")
         _check(self.threads_per_actor >= 1, "ray.threads_per_actor", self.threads_per_actor, "an integer >= 1")
         _check(self.max_actor_restarts >= 0, "ray.max_actor_restarts", self.max_actor_restarts,
-               "an integer >= 0 (restarts per translation actor over a PTL stage, or per ZoDi transfer actor; "
+               "an integer >= 0 (restarts per translation actor and PTL level, or per ZoDi transfer actor; "
                "0: the first crash fails the level / transfer)")
         for k in ("cpus_per_worker", "gpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
             v = getattr(self, k)
@@ -432,7 +436,7 @@ class TrackingConfig:
 
 # Keys that change no output, so ExperimentConfig.hash() does not see their value: a run can be
 # resumed with another one (after a PTL level failed on an actor's restarts, with more of them;
-# with another LCG chunk size; with more translation actors). Keys
+# with another LCG chunk size; with more translation actors; starting pipelines earlier). Keys
 # added after runs existed are left out (OMIT), older ones are hashed at their default, so that
 # runs made before keep their hash (those that used the default). The actor pools' size and CPU
 # share change no image: each image draws its noise from its own generator (translate.noise_seed,
@@ -442,14 +446,9 @@ OMIT = object()
 UNHASHED: dict[tuple[str, str], Any] = {
     ("ray", "max_actor_restarts"): OMIT,
     ("guidance", "lcg_chunk"): OMIT,
+    ("ptl", "prestart_next_level"): OMIT,
     ("ray", "num_actors"): 1,
     ("ray", "cpus_per_actor"): 1.0,
-}
-# Keys that existed once, with why they went; a config that still sets one is told so (run
-# directories keep their hash: the hash never saw these keys).
-REMOVED_KEYS: dict[str, str] = {
-    "ptl.prestart_next_level": "removed: the PTL levels now share one translation pipeline, whose actors start "
-                               "once per stage and wait for g_n, so there is no next level's pipeline to start early",
 }
 # Keys added after runs existed that DO change the output: hashed only when set to something
 # other than this default, so that the runs made before (which had the default) keep their hash.
@@ -587,8 +586,6 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
-        if f"{prefix}{k}" in REMOVED_KEYS:
-            raise ConfigError(f"config key '{prefix}{k}': {REMOVED_KEYS[prefix + k]}; delete it from the config")
         if k not in names:
             raise ConfigError(f"config key '{prefix}{k}': unknown key; allowed keys here: {', '.join(names)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
@@ -634,8 +631,6 @@ def set_path(cfg: ExperimentConfig, path: str, value: Any) -> ExperimentConfig:
             raise ConfigError(f"config key '{path}': unknown section '{p}'")
         node = node[p]
     if parts[-1] not in node:
-        if path in REMOVED_KEYS:
-            raise ConfigError(f"config key '{path}': {REMOVED_KEYS[path]}")
         raise ConfigError(f"config key '{path}': unknown key")
     node[parts[-1]] = value
     return from_dict(ExperimentConfig, d)

@@ -1,22 +1,26 @@
 """Stage: Progressive Translation Learning (Sec. 4.3, Eq. 11, 12), streamed.
 
 One Ray Train run (one ``fit()``, its ~20 s start-up paid once) walks all
-remaining levels n = s, 2s, ..., N, and one Ray Data pipeline per training worker
-translates for all of them: rows ``{level, ids}`` of every level, in order, through one
-actor pool of :class:`~dass_ray.stages.translator.Translator`, so the actors start once per
-stage, not once per level (process, imports, UNet: ~8-11 s on 2 cores). The worker
-fine-tunes on level n's translations as they stream in (the first batches train while the
-actors translate the rest), replays them, then publishes g_n; the actors, which reached level
-n+1's first rows, wait for g_n's checksum file before they translate with it
-(:class:`_TranslationStream`).
+remaining levels n = s, 2s, ..., N. At each level the training worker builds
+the level's translation pipeline: rows ``{level, ids}`` through a Ray Data
+actor pool of :class:`~dass_ray.stages.translator.Translator` guided by
+g_{n-1}, and fine-tunes on its output as it streams in (the first batches
+train while the actors translate the rest). Then it publishes g_n.
 
-Why this does not deadlock: level n+1's rows cannot be translated before level n's last batch
-was consumed and trained on. Ray Data 2.60's ``iter_batches`` with its default
-``prefetch_batches=1`` hands a block over only once the next one exists (measured: the
-consumer stalls after the first block and never receives the rest), so the pipeline is read
-block by block with ``prefetch_batches=0`` and regrouped into training batches here; a block
-never mixes levels. A level's record has ``first_batch_s`` (its start to its first translated
-batch).
+Why a pipeline per level and not one dataset over all levels fed through
+``get_dataset_shard``: level n+1 needs g_n, which exists only after level n's
+last batch was consumed. With one dataset, the actors translating level n+1
+must wait for g_n, and Ray Data 2.60 holds back the tail of level n's output
+while its actor is busy (measured: the consumer stalls after the first block
+and never receives the rest) -- a deadlock. A pipeline per level has no such
+cycle. Its cost is one actor start-up per level (process, imports, UNet;
+~14 s on 2 cores). With ``ptl.prestart_next_level`` level n+1's pipeline
+(:class:`_LevelStream`) starts as soon as level n's translations are consumed:
+its actor starts while level n replays and waits for g_n's checksum file
+before translating. On 2 cores that moved the start-up's CPU time into the
+replay and made PTL slower overall (docs/measurements.md, What the demo measures), so it is
+off by default. A level's record has ``first_batch_s`` (its start to its first
+translated batch) and ``pipeline_lead_s``.
 
 Each level translates only what its fine-tuning consumes: ``iters_per_level x
 batch_size`` source images (per worker), so the UNet evaluations are
@@ -27,7 +31,7 @@ provenance), and ``record.json`` (loss, mIoU when evaluated). Re-running resumes
 after the last level with a record.
 
 A translation actor that dies is restarted and its batch retried, up to
-``ray.max_actor_restarts`` times per actor over the stage; after that the level fails
+``ray.max_actor_restarts`` times per actor and level; after that the level fails
 with a :class:`~dass_ray.stages.translator.TranslationActorError` naming the
 level and the batch, without a record, so a re-run resumes at that level.
 """
@@ -149,24 +153,24 @@ def ptl_loop(loop_config: dict) -> None:
         gap = DomainGap.fit(src_imgs[:500], tgt_imgs[:500])
         del src_imgs, tgt_imgs
 
-    # All levels' translations: one Ray Data actor pool for the stage, level n guided by g_{n-1}
-    # (the actors wait for a checkpoint not published yet), pulled from now on by a background thread.
-    seg_of_level = {n: str(level_dir(run_dir, m) / SEG_FILE) for m, n in zip(levels, levels[1:])}
-    if levels:
-        seg_of_level[levels[0]] = prev_ckpt
-    rows = translation_rows({n: level_ids(cfg, source_ids, n, rank) for n in levels}, cfg.ptl.translate_batch_size)
-    events = run_dir / "ptl" / f"actors-r{rank}"  # the actor starts of this attempt at the stage
-    shutil.rmtree(events, ignore_errors=True)
-    events.mkdir(parents=True)
-    ds = translation_dataset(cfg, rows, loop_config["unet_path"], seg_of_level, loop_config.get("fail_after"),
-                             events_dir=str(events))
-    stream = _TranslationStream(_blocks(ds), name=f"ptl-translations-r{rank}")
-    restarts_seen = 0
+    def start_level(n: int, seg_ckpt: str) -> "_LevelStream":
+        # The level's translations: a Ray Data actor pool guided by g_{n-1} (seg_ckpt, which the
+        # actors wait for when it is not published yet), pulled from now on by a background thread.
+        rows = translation_rows({n: level_ids(cfg, source_ids, n, rank)}, cfg.ptl.translate_batch_size)
+        events = level_dir(run_dir, n) / f"actors-r{rank}"  # actor starts of this attempt at the level
+        shutil.rmtree(events, ignore_errors=True)
+        events.mkdir(parents=True)
+        ds = translation_dataset(cfg, rows, loop_config["unet_path"], {n: seg_ckpt}, loop_config.get("fail_after"),
+                                 events_dir=str(events))
+        return _LevelStream(_level_batches(ds, cfg, n, rank, events), events, name=f"ptl-level-{n}")
+
+    stream = start_level(levels[0], prev_ckpt) if levels else None
     for li, n in enumerate(levels):
         t_level = time.time()
         # While the level translates, the worker shares the machine with its translation actors:
         # only the CPUs it was given (RayConfig.streaming_threads).
         common.env_threads(cfg.ray.streaming_threads())
+        events, stream_started = stream.events, stream.started
         buf_rows: dict[str, list] = {k: [] for k in ("id", "level", "image_png", "seed", "segmenter_id", "config_hash")}
         losses: list[float] = []
         probe: Optional[np.ndarray] = None
@@ -175,8 +179,7 @@ def ptl_loop(loop_config: dict) -> None:
         level_images: list[np.ndarray] = []
         replay: dict[str, list[np.ndarray]] = {"image": [], "source": [], "label": []}
         # streamed into the fine-tuning: the first batches train while the actors translate the rest
-        for batch in stream.level(n, per_level, cfg.ptl.batch_size,
-                                  on_error=lambda e, n=n: _level_failure(e, cfg, n, rank, events)):
+        for batch in stream:
             if first_batch_s is None:
                 first_batch_s = time.time() - t_level
             x_t = to_diffusion(batch["image"])
@@ -205,8 +208,11 @@ def ptl_loop(loop_config: dict) -> None:
         consumed = len(buf_rows["id"])
         if consumed != per_level or set(buf_rows["level"]) != {n}:
             raise RuntimeError(f"level {n} (rank {rank}): got {consumed} translated images of {per_level}")
-        # the level's translations are done (the actors wait for g_n): its replay epochs and
-        # evaluation may use their CPUs
+        nxt = None
+        if cfg.ptl.prestart_next_level and li + 1 < len(levels):
+            # level n+1's actor starts now, while this level replays; it translates once g_n is published
+            nxt = start_level(levels[li + 1], str(level_dir(run_dir, n) / SEG_FILE))
+        # the level's actors are done: its replay epochs and evaluation may use their CPUs
         # (measured on 2 cores: docs/measurements.md, What the demo measures)
         common.env_threads(cfg.ray.replay_threads())
         t_replay = time.time()
@@ -223,11 +229,12 @@ def ptl_loop(loop_config: dict) -> None:
                   "translated": consumed, "seconds": time.time() - t_level,
                   "first_batch_s": first_batch_s, "consistency_miou": float(consistency.miou(classes)),
                   "translate_s": t_replay - t_level, "replay_s": time.time() - t_replay,
+                  # how long before the level began its translation pipeline was started (0 for the
+                  # first level of a run; with ptl.prestart_next_level the previous level's replay and more)
+                  "pipeline_lead_s": 0.0 if li == 0 else round(max(0.0, t_level - stream_started), 1),
                   "replay_threads": torch.get_num_threads()}
-        # translation actors that died during the level and were restarted by Ray Data (each start
-        # leaves a file; the pool's first num_actors starts are not restarts)
-        restarts = max(0, len(list(events.glob("actor-*.json"))) - cfg.ray.num_actors)
-        record["actor_restarts"], restarts_seen = restarts - restarts_seen, restarts
+        # translation actors that died during the level and were restarted by Ray Data
+        record["actor_restarts"] = max(0, len(list(events.glob("actor-*.json"))) - cfg.ray.num_actors)
         if record["actor_restarts"]:
             print(f"[ptl] WARNING: level {n} (rank {rank}): {record['actor_restarts']} translation actor(s) died "
                   f"and were restarted; their batches were retried, all {consumed} ids translated once")
@@ -250,107 +257,69 @@ def ptl_loop(loop_config: dict) -> None:
                   + (f", target mIoU {record['target_miou']:.2f}" if "target_miou" in record else "")
                   + f" ({record['seconds']:.1f}s)")
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
-    stream.close()
+        prev_ckpt = str(d / SEG_FILE)
+        if li + 1 < len(levels):
+            stream = nxt or start_level(levels[li + 1], prev_ckpt)
 
 
-class _TranslationStream:
-    """The translated blocks of all levels (``blocks``: :func:`_blocks`), pulled by a background
-    thread from the moment it is made, so the actors' start-up and level n+1's translations (once
-    g_n is published) run while the caller is busy. :meth:`level` hands level n's rows over in
-    training batches. The queue is unbounded: a level's translations are all kept for its replay
-    anyway, and the next level's cannot start before g_n exists."""
+class _LevelStream:
+    """A level's translated batches (``batches``: :func:`_level_batches`), pulled by a background
+    thread from the moment it is made, so that the level's Ray Data pipeline (its
+    actor start-up, and the translations once g_{n-1} exists) runs while the caller is still busy
+    with the previous level. Iterating yields the batches in order; an error of the pipeline
+    (e.g. :class:`~dass_ray.stages.translator.TranslationActorError`) is raised there.
+    The queue is unbounded: a level's translations are all kept for its replay anyway."""
 
     _END = object()
 
-    def __init__(self, blocks: Iterable, name: str):
+    def __init__(self, batches: Iterable, events: Path, name: str):
+        self.events = events  # the level's actor-start records (read after the level)
         self.started = time.time()
         self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._pull, args=(blocks,), daemon=True, name=name)
+        self._thread = threading.Thread(target=self._pull, args=(batches,), daemon=True, name=name)
         self._thread.start()
 
-    def _pull(self, blocks: Iterable) -> None:
+    def _pull(self, batches: Iterable) -> None:
         try:
-            for block in blocks:
-                self._q.put(block)
+            for batch in batches:
+                self._q.put(batch)
         except BaseException as e:  # handed to the consumer, raised in its thread
             self._q.put(e)
         else:
             self._q.put(self._END)
 
-    def level(self, n: int, rows: int, batch_size: int,
-              on_error: Optional[Callable[[BaseException], BaseException]] = None):
-        """Yield level ``n``'s ``rows`` translated rows as dicts of arrays of ``batch_size`` rows (the
-        last one shorter when ``batch_size`` does not divide ``rows``), in the pipeline's order.
-
-        A block never mixes levels; one of another level, or the end of the stream, before ``rows``
-        rows raises :class:`RuntimeError`. An error of the pipeline is raised here, passed through
-        ``on_error`` (which may return a more telling exception) when given."""
-        pending: list[dict] = []
-        have = got = 0
-        while got < rows:
+    def __iter__(self):
+        while True:
             item = self._q.get()
             if item is self._END:
-                self._q.put(item)  # later calls see the end too
-                raise RuntimeError(f"level {n}: the translation stream ended after {got} of {rows} images")
+                self._thread.join()
+                return
             if isinstance(item, BaseException):
-                self._q.put(item)
-                err = on_error(item) if on_error else item
-                if err is item:
-                    raise item
-                raise err from item
-            k = len(item["level"])
-            found = set(int(v) for v in np.unique(item["level"]))
-            if found != {n} or got + k > rows:
-                raise RuntimeError(f"level {n}: after {got} of its {rows} images the translation stream "
-                                   f"delivered {k} images of level(s) {sorted(found)}")
-            pending.append(item)
-            have, got = have + k, got + k
-            while have >= batch_size:
-                batch, pending = _split(pending, batch_size)
-                have -= batch_size
-                yield batch
-        if have:
-            yield _split(pending, have)[0]
-
-    def close(self, timeout: float = 5.0) -> None:
-        """After the last level: wait for the pulling thread to see the pipeline's end."""
-        self._thread.join(timeout)
+                raise item
+            yield item
 
 
-def _split(blocks: list[dict], k: int) -> tuple[dict, list[dict]]:
-    """The first ``k`` rows of ``blocks`` (dicts of arrays with equal keys) as one dict, and the rest."""
-    whole = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
-    rest = {key: v[k:] for key, v in whole.items()}
-    return {key: v[:k] for key, v in whole.items()}, ([rest] if len(rest[next(iter(rest))]) else [])
-
-
-def _blocks(ds):
-    """The pipeline's output block by block, in order; ``prefetch_batches=0``: with Ray Data's default
-    of 1 a block is handed over only once the next one exists, and level n+1's next block waits for
-    g_n, which needs the whole of level n (the module docstring)."""
-    yield from ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy")
-
-
-def _level_failure(e: BaseException, cfg: ExperimentConfig, n: int, rank: int, events: Path) -> BaseException:
-    """Translation actors that died with no restart left (``ray.max_actor_restarts``) become a
-    :class:`TranslationActorError` naming the level and the batches being translated when they
-    died; any other error is returned as it is."""
+def _level_batches(ds, cfg: ExperimentConfig, n: int, rank: int, events: Path):
+    """``ds.iter_batches`` of level ``n``; translation actors that died with no restart left
+    (``ray.max_actor_restarts``) end it with a :class:`TranslationActorError` naming the level
+    and the batches that were being translated when they died."""
     import ray.exceptions
 
     from ..ray_utils import error_summary
     from .translator import TranslationActorError, crashed_batches
 
-    if not isinstance(e, ray.exceptions.RayActorError):
-        return e
-    starts = len(list(events.glob("actor-*.json")))
-    batches = "; ".join(f"ids {ids} ({k} actor process(es) died on it)" for ids, k in crashed_batches(events)[:3])
-    return TranslationActorError(
-        f"PTL level {n} (rank {rank}) failed: translation actors died and their ray.max_actor_restarts="
-        f"{cfg.ray.max_actor_restarts} restart(s) are used up ({starts} actor start(s) in this run of the PTL "
-        f"stage; Ray: {error_summary(e)}). Batches in flight when actors died: {batches or 'none recorded'}. "
-        f"Level {n} is not recorded as done: re-running the same command resumes at level {n} (fix or remove "
-        f"those images; if the crashes are sporadic, raise ray.max_actor_restarts)."
-    )
+    try:
+        yield from ds.iter_batches(batch_size=cfg.ptl.batch_size, batch_format="numpy")
+    except ray.exceptions.RayActorError as e:
+        starts = len(list(events.glob("actor-*.json")))
+        batches = "; ".join(f"ids {ids} ({k} actor process(es) died on it)" for ids, k in crashed_batches(events)[:3])
+        raise TranslationActorError(
+            f"PTL level {n} (rank {rank}) failed: translation actors died and their ray.max_actor_restarts="
+            f"{cfg.ray.max_actor_restarts} restart(s) are used up ({starts} actor start(s) at this level; "
+            f"Ray: {error_summary(e)}). Batches in flight when actors died: {batches or 'none recorded'}. "
+            f"Level {n} is not recorded as done: re-running the same command resumes at level {n} (fix or remove "
+            f"those images; if the crashes are sporadic, raise ray.max_actor_restarts)."
+        ) from e
 
 
 def _replay(trainer, pool: dict[str, np.ndarray], cfg: ExperimentConfig, rng: np.random.Generator) -> list[float]:
@@ -433,7 +402,7 @@ def drop_stale_checkpoints(run_dir: Path, levels: list[int]) -> None:
     """Remove the g_n checkpoints (and checksums) of ``levels``, the levels about to run.
 
     A checkpoint of a level without a record (an attempt killed between the two writes) is
-    stale: the translation actors, which wait at level n+1's first rows for g_n, would take it for g_n.
+    stale: level n+1's translators, started while level n replays, would take it for g_n.
     """
     for n in levels:
         for f in (level_dir(run_dir, n) / SEG_FILE, level_dir(run_dir, n) / (SEG_FILE + ".sha256")):

@@ -7,8 +7,8 @@ an earlier level is still training). The actor reads the source images and
 labels of the ids itself, translates them with :func:`dass_ray.translate.translate_level`
 and returns one row per image with provenance columns.
 
-When a level's segmenter checkpoint is not yet published (PTL's one pipeline over
-all levels reaches level n+1 while level n is still fine-tuning), the actor waits for it.
+When a level's segmenter checkpoint is not yet published (PTL streams level
+n+1 behind level n's fine-tuning), the actor waits for it.
 
 A dead actor is restarted by Ray Data and its batch retried, at most
 ``ray.max_actor_restarts`` times per actor; with ``events_dir`` each actor keeps
@@ -110,8 +110,7 @@ class Translator:
             from ..checkpoints import atomic_write_json
 
             inflight = self.events_dir / f"inflight-{os.getpid()}.json"
-            atomic_write_json(inflight, {"pid": os.getpid(), "levels": sorted({int(v) for v in batch["level"]}),
-                                         "ids": [str(i) for ids in batch["ids"] for i in ids]})
+            atomic_write_json(inflight, {"pid": os.getpid(), "ids": [str(i) for ids in batch["ids"] for i in ids]})
         if self.fail_after is not None and self.batches >= self.fail_after:
             os._exit(1)  # simulated actor crash (reliability test); Ray Data restarts the actor
         self.batches += 1
