@@ -56,4 +56,9 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     for run in ("actors1_threads1", "actors2_threads1"):  # every input id exactly once
         assert rp[run]["images"] == rp[run]["unique_ids"] == rp["images"]
     assert rp["actors2_threads1"]["actors_seen"] == 2
-    assert r["batched_lcg_speedup"]["max_abs_grad_difference"] < 1e-4
+    bl = r["batched_lcg_speedup"]
+    assert bl["max_abs_grad_difference"] < 1e-4
+    # the sweep covers 5, 8 and 11 classes present, each batched path equal to the naive loop
+    assert [row["classes_present_per_image"] for row in bl["by_classes_present"]] == [5.0, 8.0, 11.0]
+    assert all(row["max_abs_grad_difference"] < 1e-4 and row["speedup"] > 0 for row in bl["by_classes_present"])
+    assert bl["by_classes_present"][-1]["copy_ratio"] == 1.0  # every class present: no excess copies
